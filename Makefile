@@ -1,0 +1,28 @@
+# make demo   - create .venv if missing, train a small model on real images (2 CPU processes), evaluate it
+# make test   - create .venv if missing, run the test suite
+# make bench  - speed table for the T variants and Swin-T (see benchmark.py)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?= msg
+EPOCHS ?=
+
+.PHONY: demo test bench clean-env
+$(STAMP): requirements.txt requirements-demo.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --model $(MODEL) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml --timm swin_tiny_patch4_window7_224
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,39 @@
+"""Parameter and compute cost of a model, counted one way for every backbone.
+
+``model_cost`` runs one forward pass under ``torch.utils.flop_counter.FlopCounterMode`` and reports
+multiply-accumulates (MACs = FLOPs / 2, the papers' "FLOPs" convention). The counter sees matrix products and
+convolutions (including those inside ``scaled_dot_product_attention``); element-wise work (softmax, norms,
+activations) is not counted, as in fvcore and the papers' tables.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class ModelCost(NamedTuple):
+    params: int
+    macs: int
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in_chans: int = 3) -> ModelCost:
+    """Parameters and MACs of one image of ``img_size`` through ``model`` (eval mode, float32, on its device)."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    p = next(model.parameters())
+    x = torch.zeros(1, in_chans, h, w, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return ModelCost(params=count_params(model), macs=counter.get_total_flops() // 2)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a small real image folder (the digits) and a CPU-friendly environment for subprocesses."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CFG = os.path.join(ROOT, 'configs', 'msg_demo.yaml')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env['OMP_NUM_THREADS'] = '1'
+    env['PYTHONPATH'] = ROOT
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    env.pop('LOCAL_RANK', None)
+    return env
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory) -> str:
+    """20 train / 5 val images per digit class, 64x64 RGB PNGs."""
+    from data.digits import export_digits
+    out = str(tmp_path_factory.mktemp('digits'))
+    export_digits(out, size=64, limit_per_class=25)
+    return out
+
+
+PYTHON = sys.executable

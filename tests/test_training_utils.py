@@ -1,0 +1,204 @@
+"""Pure helpers of the engine: LR scaling and schedule, parameter groups, checkpoint I/O and its safety."""
+import logging
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from yacs.config import CfgNode
+
+from config import get_default_config, merge_opts
+from lr_scheduler import build_scheduler, updates_per_epoch
+from optimizer import build_optimizer, param_groups, scaled_lrs
+from utils import (CheckpointError, find_resume_checkpoint, load_checkpoint_file, load_model_weights,
+                   load_pretrained, prune_checkpoints, save_checkpoint, list_checkpoints)
+
+LOG = logging.getLogger('test')
+
+
+def _cfg(*opts):
+    cfg = get_default_config()
+    merge_opts(cfg, list(opts))
+    return cfg
+
+
+class Toy(nn.Module):
+    def __init__(self, classes=3, table=9):
+        super().__init__()
+        self.msg_tokens = nn.Parameter(torch.zeros(1, 4, 1, 8))
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(table, 2))
+        self.head = nn.Linear(8, classes)
+
+    def no_weight_decay(self):
+        return {'msg_tokens'}
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x)))
+
+
+def test_lr_scaling_counts_processes_and_accumulation():
+    cfg = _cfg('DATA.BATCH_SIZE', '64', 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.BASE_LR', '5e-4')
+    base, warm, low = scaled_lrs(cfg, world_size=8)
+    assert base == pytest.approx(5e-4 * 64 * 8 * 2 / 512)
+    assert warm == pytest.approx(cfg.TRAIN.WARMUP_LR * 2) and low == pytest.approx(cfg.TRAIN.MIN_LR * 2)
+
+
+def test_param_groups_skip_norms_biases_and_model_names():
+    model = Toy()
+    decay, no_decay = param_groups(model, 0.05)
+    ids = {id(p) for p in no_decay['params']}
+    assert id(model.msg_tokens) in ids and id(model.fc.bias) in ids and id(model.norm.weight) in ids
+    assert {id(p) for p in decay['params']} == {id(model.fc.weight), id(model.head.weight),
+                                               id(model.relative_position_bias_table)}
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+
+
+@pytest.mark.parametrize('accum,batches,expected', [(1, 10, 10), (3, 10, 4), (5, 10, 2)])
+def test_updates_per_epoch(accum, batches, expected):
+    assert updates_per_epoch(batches, accum) == expected
+
+
+def _lrs(cfg, n_updates, total):
+    opt = build_optimizer(cfg, Toy(), lr=1.0)
+    sched = build_scheduler(cfg, opt, n_updates, base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    out = []
+    for t in range(total + 1):
+        sched.step_update(t)
+        out.append(opt.param_groups[0]['lr'])
+    return out
+
+
+def test_cosine_with_warmup_values():
+    cfg = _cfg('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2')
+    lrs = _lrs(cfg, n_updates=5, total=50)        # 10 warm-up updates, then 40 of cosine
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 5 / 10)   # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[30] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[50] == pytest.approx(1e-5, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_schedule_length_is_independent_of_accumulation():
+    # 12 batches per epoch: with accumulation 3 there are 4 updates per epoch, and the cosine ends at epoch end.
+    cfg = _cfg('TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.ACCUMULATION_STEPS', '3')
+    n = updates_per_epoch(12, 3)
+    lrs = _lrs(cfg, n_updates=n, total=3 * n)
+    assert lrs[n] == pytest.approx(1e-3) and lrs[3 * n] == pytest.approx(1e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize('name', ['linear', 'step', 'multistep'])
+def test_other_schedulers_warm_up_then_decay(name):
+    cfg = _cfg('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.LR_SCHEDULER.NAME', name,
+               'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[4, 7]')
+    lrs = _lrs(cfg, n_updates=2, total=20)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[20] < 1e-3 / 5
+
+
+def test_unknown_scheduler_and_optimizer_are_clear():
+    with pytest.raises(ValueError, match='cosine, linear, step, multistep'):
+        _lrs(_cfg('TRAIN.LR_SCHEDULER.NAME', 'poly'), 1, 1)
+    with pytest.raises(ValueError, match='adamw, sgd'):
+        build_optimizer(_cfg('TRAIN.OPTIMIZER.NAME', 'lamb'), Toy(), 1.0)
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = Toy()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': 3, 'config': 'A: 1\n',
+             'scaler': torch.amp.GradScaler('cpu', enabled=False).state_dict(), 'version': 1}
+    path = str(tmp_path / 'ckpt_epoch_3.pth')
+    save_checkpoint(path, state)
+    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
+    loaded = torch.load(path, weights_only=True)                 # no allow-list needed for ours
+    other = Toy()
+    load_model_weights(other, loaded['model'], path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    opt2 = torch.optim.AdamW(other.parameters())
+    opt2.load_state_dict(loaded['optimizer'])
+    assert loaded['epoch'] == 3
+
+
+def test_official_training_checkpoint_with_cfgnode_loads(tmp_path):
+    cfg = CfgNode({'MODEL': CfgNode({'TYPE': 'msg'})})
+    path = str(tmp_path / 'official.pth')
+    torch.save({'model': Toy().state_dict(), 'config': cfg, 'epoch': 299}, path)
+    ckpt = load_checkpoint_file(path)
+    assert isinstance(ckpt['config'], CfgNode) and ckpt['config'].MODEL.TYPE == 'msg'
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f'touch {_Evil.marker}',))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / 'pwned'
+    _Evil.marker = str(marker)
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'model': Toy().state_dict(), 'payload': _Evil()}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r'refusing to load.*pickles posix.system'):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('content,match', [(b'', 'empty'), (b'not a checkpoint at all', 'not a readable'),
+                                           (None, 'not found')])
+def test_bad_checkpoint_files(tmp_path, content, match):
+    path = tmp_path / 'x.pth'
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint_file(str(path))
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = tmp_path / 'x.pth'
+    torch.save({'model': Toy().state_dict()}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match='not a readable'):
+        load_checkpoint_file(str(path))
+
+
+def test_mismatched_weights_name_keys():
+    with pytest.raises(CheckpointError, match=r'shape mismatch: head.weight \(5, 8\) vs model \(3, 8\)'):
+        load_model_weights(Toy(), Toy(classes=5).state_dict(), 'x.pth')
+    sd = Toy().state_dict()
+    sd['extra.weight'] = torch.zeros(1)
+    del sd['fc.bias']
+    with pytest.raises(CheckpointError, match=r'missing: fc.bias; unexpected: extra.weight'):
+        load_model_weights(Toy(), sd, 'x.pth')
+
+
+def test_pretrained_reinitialises_head_and_resizes_tables(tmp_path):
+    src = Toy(classes=5, table=9)
+    path = str(tmp_path / 'pre.pth')
+    torch.save({'model': src.state_dict()}, path)
+    dst = Toy(classes=3, table=25)
+    head_before = dst.head.weight.clone()
+    load_pretrained(dst, path, LOG)
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+    assert torch.equal(dst.head.weight, head_before)            # new head kept
+    assert dst.relative_position_bias_table.shape == (25, 2)
+    # the centre of the resized 5x5 grid matches the centre of the 3x3 source grid (bicubic, aligned centres)
+    assert torch.allclose(dst.relative_position_bias_table[12], src.relative_position_bias_table[4], atol=0.5)
+
+
+def test_auto_resume_skips_corrupt_newest_and_prune(tmp_path):
+    for e in range(4):
+        save_checkpoint(str(tmp_path / f'ckpt_epoch_{e}.pth'), {'model': Toy().state_dict(), 'epoch': e + 1})
+        os.utime(tmp_path / f'ckpt_epoch_{e}.pth', (1000 + e, 1000 + e))
+    (tmp_path / 'ckpt_epoch_4.pth').write_bytes(b'half-written garbage')
+    found = find_resume_checkpoint(str(tmp_path), LOG)
+    assert found is not None and found[0].endswith('ckpt_epoch_3.pth') and found[1]['epoch'] == 4
+    prune_checkpoints(str(tmp_path), keep=2)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ['ckpt_epoch_3.pth', 'ckpt_epoch_4.pth']
