@@ -110,8 +110,8 @@ def train_one_epoch(
             group_nonfinite += (~finite).float()
             scaler.scale(loss / group_len).backward()
 
-        loss_sum += torch.stack([loss.detach().double() * samples.shape[0] * finite,
-                                 torch.tensor(float(samples.shape[0]) * finite.item(), dtype=torch.float64, device=device)])
+        n = float(samples.shape[0])
+        loss_sum += torch.stack([torch.where(finite, loss.detach().double() * n, 0.0), finite.double() * n])
         if not is_update:
             continue
 

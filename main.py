@@ -30,7 +30,7 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, updates_per_epoch
 from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from utils import (CheckpointError, barrier, extract_state_dict, find_resume_checkpoint, get_rank, init_distributed,
+from utils import (CheckpointError, barrier, current_rss_mb, extract_state_dict, find_resume_checkpoint, get_rank, init_distributed,
                    is_dist, load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints,
                    resolve_device, save_checkpoint, seed_everything, unwrap_model)
 
@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             record = {'epoch': epoch, 'lr': stats['lr'], 'train_loss': stats['loss'], 'val_acc1': val['acc1'],
                       'val_acc5': val['acc5'], 'val_loss': val['loss'], 'ema_acc1': ema_acc1,
                       'skipped_images': stats['skipped_images'], 'nonfinite_steps': stats['nonfinite_steps'],
-                      'time': stats['time'] + val['time']}
+                      'time': stats['time'] + val['time'], 'rss_mb': round(current_rss_mb(), 1)}
             with open(os.path.join(config.OUTPUT, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
             if writer is not None:

@@ -94,6 +94,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     while True:

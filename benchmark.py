@@ -1,0 +1,181 @@
+"""Speed table: inference images/s, batch-1 latency and a full training step, for configs and timm models.
+
+    python benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml \
+        --timm swin_tiny_patch4_window7_224 [--batch-size 8] [--threads 2] [--compile] [--channels-last] \
+        [--amp-dtype bfloat16] [--device cuda] [--json out.json]
+
+Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
+warm-up, synchronised on CUDA. Inference runs in eval mode under ``torch.inference_mode``; the training step is
+forward + cross-entropy + backward + AdamW step in train mode. Peak memory is the CUDA allocator's peak on GPU
+and the process's peak resident set size (RSS) on CPU. Weights are random: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build(spec: dict, img_size: Optional[int]):
+    import torch  # noqa: F401
+    import models  # noqa: F401  (registers ours with timm too)
+    if spec['kind'] == 'cfg':
+        from config import load_config_file
+        from models import build_model
+        opts = ['MODEL.DROP_PATH_RATE', '0.0'] + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
+        cfg = load_config_file(spec['name'], opts)
+        return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME
+    import timm
+    kwargs = {'img_size': img_size} if img_size else {}
+    model = timm.create_model(spec['name'], pretrained=False, **kwargs)
+    size = img_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    return model, size, spec['name']
+
+
+def _median_seconds(fn, sync, min_run_time: float) -> float:
+    import torch.utils.benchmark as tb
+    for _ in range(2):  # warm-up (and compilation)
+        fn()
+    sync()
+
+    def step():
+        fn()
+        sync()
+    return tb.Timer(stmt='step()', globals={'step': step}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure(spec: dict, args: dict) -> dict:
+    """Runs in a child process: build, then time inference, latency and a train step."""
+    import torch
+    torch.set_num_threads(args['threads'])
+    torch.manual_seed(0)
+    device = torch.device(args['device'])
+    model, size, name = _build(spec, args['img_size'])
+    model.to(device)
+    fmt = torch.channels_last if args['channels_last'] else torch.contiguous_format
+    model.to(memory_format=fmt)
+    amp_dtype = getattr(torch, args['amp_dtype']) if args['amp_dtype'] else None
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    run_model = torch.compile(model) if args['compile'] else model
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    b = args['batch_size']
+    x = torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt)
+    x1 = x[:1].clone()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    model.eval()
+    with torch.inference_mode():
+        def infer():
+            with autocast():
+                run_model(x)
+
+        def infer1():
+            with autocast():
+                run_model(x1)
+        t_inf = _median_seconds(infer, sync, args['min_time'])
+        t_lat = _median_seconds(infer1, sync, args['min_time'])
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 10, (b,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step():
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(run_model(x).float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    t_train = _median_seconds(train_step, sync, args['min_time'])
+    if device.type == 'cuda':
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {'model': name, 'img_size': size, 'params_m': n_params / 1e6, 'batch': b,
+            'infer_img_s': b / t_inf, 'latency_ms': 1000 * t_lat, 'train_step_s': t_train,
+            'train_img_s': b / t_train, 'peak_mem_mb': peak_mb}
+
+
+def _child(spec, args, queue):
+    sys.path.insert(0, ROOT)
+    try:
+        queue.put(measure(spec, args))
+    except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
+        queue.put({'model': spec['name'], 'error': f'{type(e).__name__}: {e}'})
+
+
+def run_isolated(spec: dict, args: dict) -> dict:
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(spec, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def format_table(rows: list[dict], args: dict) -> str:
+    head = (f"{'model':34s} {'size':>4s} {'params':>7s} {'infer img/s':>11s} {'latency ms':>10s} "
+            f"{'train step s':>12s} {'train img/s':>11s} {'peak MB':>8s}")
+    lines = [f"device {args['device']}, {args['threads']} threads, batch {args['batch_size']}, "
+             f"{'AMP ' + args['amp_dtype'] if args['amp_dtype'] else 'float32'}"
+             f"{', compiled' if args['compile'] else ''}{', channels-last' if args['channels_last'] else ''}",
+             head, '-' * len(head)]
+    for r in rows:
+        if 'error' in r:
+            lines.append(f"{r['model']:34s} error: {r['error']}")
+            continue
+        lines.append(f"{r['model']:34s} {r['img_size']:4d} {r['params_m']:6.1f}M {r['infer_img_s']:11.2f} "
+                     f"{r['latency_ms']:10.1f} {r['train_step_s']:12.3f} {r['train_img_s']:11.2f} {r['peak_mem_mb']:8.0f}")
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='benchmark backbones (inference, latency, training step)')
+    parser.add_argument('--cfg', nargs='*', default=[], help='YAML configs of our models')
+    parser.add_argument('--timm', nargs='*', default=[], help='timm model names (e.g. swin_tiny_patch4_window7_224)')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=None, help='override the input size')
+    parser.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='CPU threads')
+    parser.add_argument('--device', default='cuda' if _cuda_available() else 'cpu')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None, help='autocast dtype')
+    parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
+    parser.add_argument('--json', default='', help='also write the results to this JSON file')
+    ns = parser.parse_args(argv)
+    if not ns.cfg and not ns.timm:
+        parser.error('name at least one --cfg or --timm model')
+    for path in ns.cfg:
+        if not os.path.isfile(path):
+            parser.error(f"config file not found: '{path}'")
+    args = {k: getattr(ns, k) for k in ('batch_size', 'img_size', 'threads', 'device', 'compile', 'channels_last',
+                                        'amp_dtype', 'min_time')}
+    specs = [{'kind': 'cfg', 'name': p} for p in ns.cfg] + [{'kind': 'timm', 'name': n} for n in ns.timm]
+    rows = []
+    for spec in specs:
+        rows.append(run_isolated(spec, args))
+        print(f"measured {rows[-1]['model']}", file=sys.stderr, flush=True)
+    print(format_table(rows, args))
+    if ns.json:
+        with open(ns.json, 'w') as f:
+            json.dump({'settings': args, 'results': rows}, f, indent=1)
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

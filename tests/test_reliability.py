@@ -1,0 +1,205 @@
+"""Issue 7: bad input ends in one line, crashes and preemption lose nothing, divergence is handled."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from config import get_default_config, merge_opts
+from conftest import DEMO_CFG, PYTHON, ROOT, free_port, subprocess_env
+from engine import Precision, TrainingDiverged, TrainState, train_one_epoch
+
+FAST = ['DATA.NUM_WORKERS', '0', 'TRAIN.WARMUP_EPOCHS', '0']
+
+
+def main_py(args, timeout=120):
+    return subprocess.run([PYTHON, os.path.join(ROOT, 'main.py')] + args, cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
+    assert len(lines) == 1, proc.stderr
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope='module')
+def small_ckpt(tmp_path_factory, digits_dir):
+    out = str(tmp_path_factory.mktemp('ck'))
+    proc = main_py(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', out, '--opts', 'TRAIN.EPOCHS', '1',
+                    *FAST])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return os.path.join(out, 'msg_demo', 'default', 'ckpt_epoch_0.pth')
+
+
+def test_user_errors_are_one_line(tmp_path, digits_dir, small_ckpt):
+    base = ['--cfg', DEMO_CFG, '--output', str(tmp_path)]
+    cases = [
+        (base + ['--data-path', str(tmp_path / 'nowhere')], r"--data-path '.*nowhere' does not exist"),
+        (['--cfg', str(tmp_path / 'missing.yaml'), '--data-path', digits_dir], 'config file not found'),
+        (base + ['--data-path', digits_dir, '--opts', 'TRAIN.EPOHS', '1'], "did you mean 'TRAIN.EPOCHS'"),
+        (base + ['--data-path', digits_dir, '--opts', 'MODEL.NUM_CLASSES', '7'], 'has 10 classes'),
+        (base + ['--data-path', digits_dir, '--opts', 'DATA.IMG_SIZE', '60'], r'cannot be built.*valid sizes'),
+        (base + ['--data-path', digits_dir, '--eval', '--resume', str(tmp_path / 'no.pth')], 'checkpoint file not found'),
+        (base + ['--data-path', digits_dir, '--eval', '--resume', DEMO_CFG], 'not a readable PyTorch checkpoint'),
+    ]
+    for args, pattern in cases:
+        assert_one_line_error(main_py(args), pattern)
+
+
+def test_checkpoint_of_other_class_count_lists_keys(tmp_path, digits_dir, small_ckpt):
+    sd = torch.load(small_ckpt, weights_only=True)
+    sd['model']['head.weight'] = sd['model']['head.weight'][:5]
+    sd['model']['head.bias'] = sd['model']['head.bias'][:5]
+    bad = str(tmp_path / 'five.pth')
+    torch.save(sd, bad)
+    proc = main_py(['--cfg', DEMO_CFG, '--output', str(tmp_path), '--data-path', digits_dir, '--eval', '--resume', bad])
+    assert_one_line_error(proc, r'does not fit.*shape mismatch: head.weight \(5, 256\) vs model \(10, 256\)')
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _NaNOn:
+    """Cross-entropy, except that the calls listed return NaN."""
+    def __init__(self, bad_calls):
+        self.bad, self.calls = set(bad_calls), 0
+
+    def __call__(self, out, target):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(out, target)
+        return loss * float('nan') if self.calls in self.bad else loss
+
+
+def _epoch(criterion, max_in_row=10, n=6):
+    cfg = get_default_config()
+    merge_opts(cfg, ['TRAIN.MAX_NONFINITE_STEPS', str(max_in_row), 'PRINT_FREQ', '1000'])
+    model = _Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 0])) for _ in range(n)]
+
+    class Sched:
+        def step_update(self, t):
+            pass
+    snapshots = []
+    orig_step = opt.step
+
+    def step(*a, **k):
+        snapshots.append(True)
+        return orig_step(*a, **k)
+    opt.step = step
+    state = TrainState()
+    stats = train_one_epoch(config=cfg, model=model, criterion=criterion, loader=loader, optimizer=opt,
+                            scheduler=Sched(), scaler=torch.amp.GradScaler('cpu', enabled=False),
+                            precision=Precision('cpu', False, torch.bfloat16), device=torch.device('cpu'), state=state)
+    return stats, len(snapshots), state, model
+
+
+def test_nonfinite_loss_skips_the_update():
+    stats, steps, state, model = _epoch(_NaNOn({2, 5}))
+    assert stats['nonfinite_steps'] == 2 and steps == 4 and state.num_updates == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert stats['loss'] == stats['loss']  # mean over the finite losses only, not NaN
+
+
+def test_too_many_nonfinite_in_a_row_stops():
+    with pytest.raises(TrainingDiverged, match='3 non-finite losses in a row'):
+        _epoch(_NaNOn({2, 3, 4}), max_in_row=3)
+
+
+def _torchrun(args, nproc=2):
+    cmd = [PYTHON, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(free_port()),
+           os.path.join(ROOT, 'main.py')] + args
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError('process ended early:\n' + proc.stdout.read()[-3000:])
+        if time.time() - t0 > timeout:
+            raise AssertionError('timed out')
+        time.sleep(0.05)
+
+
+def _read_log(run_dir):
+    path = os.path.join(run_dir, 'log_rank0.txt')
+    return open(path).read() if os.path.exists(path) else ''
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes(tmp_path, digits_dir):
+    args = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path), '--batch-size', '4',
+            '--opts', 'TRAIN.EPOCHS', '2', 'PRINT_FREQ', '1', *FAST]
+    run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
+    proc = _torchrun(args)
+    _wait_for(lambda: 'Train: [0/2][5/' in _read_log(run_dir), proc)
+    for pid in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGTERM)                    # what a scheduler sends to every task
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    ckpt = torch.load(os.path.join(run_dir, 'last.pth'), weights_only=True)
+    assert ckpt['epoch'] == 0 and 0 < ckpt['step_in_epoch'] < 25
+    stopped_at = ckpt['step_in_epoch']
+    proc2 = _torchrun(args)
+    out2 = proc2.communicate(timeout=300)[0]
+    assert proc2.returncode == 0, out2[-3000:]
+    assert f'continuing at epoch 0 step {stopped_at}' in out2
+    assert f'Train: [0/2][{stopped_at + 1}/25]' in out2 and 'Train: [0/2][1/25]' not in out2
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    assert [r['epoch'] for r in rows] == [0, 1]
+
+
+def test_kill9_then_rerun_finishes_with_identical_weights(tmp_path, digits_dir):
+    def args(out):
+        return ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(out), '--batch-size', '4',
+                '--opts', 'TRAIN.EPOCHS', '2', 'PRINT_FREQ', '1', *FAST]
+    ref = _torchrun(args(tmp_path / 'ref'))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
+
+    run_dir = os.path.join(tmp_path, 'cut', 'msg_demo', 'default')
+    proc = _torchrun(args(tmp_path / 'cut'))
+    _wait_for(lambda: 'Train: [1/2][3/' in _read_log(run_dir), proc)
+    # The whole job, launcher and workers (torchrun gives each worker its own session), as a scheduler kills it.
+    for pid in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert sorted(p for p in os.listdir(run_dir) if p.endswith('.pth')) == ['best.pth', 'ckpt_epoch_0.pth']
+    again = _torchrun(args(tmp_path / 'cut'))
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert 'continuing at epoch 1' in out
+    a = torch.load(os.path.join(tmp_path, 'ref', 'msg_demo', 'default', 'ckpt_epoch_1.pth'), weights_only=True)
+    b = torch.load(os.path.join(run_dir, 'ckpt_epoch_1.pth'), weights_only=True)
+    assert a['model'].keys() == b['model'].keys()
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_a_dying_rank_does_not_hang_the_other(tmp_path, digits_dir):
+    args = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path), '--batch-size', '4',
+            '--opts', 'TRAIN.EPOCHS', '50', 'PRINT_FREQ', '1', *FAST]
+    run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
+    proc = _torchrun(args)
+    _wait_for(lambda: 'Train: [0/50][3/' in _read_log(run_dir), proc)
+    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    t0 = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    time.sleep(1)
+    assert subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True).returncode != 0  # no survivors
