@@ -14,6 +14,24 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def _count_cpu_sdpa_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU attention kernels.
+
+    It counts the CUDA ``scaled_dot_product_attention`` kernels but not the CPU flash kernel that
+    ``F.scaled_dot_product_attention`` runs on CPU, so attention matmuls would go uncounted there (2.5% of
+    MSG-B). Count them with the formulas torch uses for the CUDA kernels; a torch that knows them is left alone.
+    """
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula is already shape-wrapped
+
+
+_count_cpu_sdpa_flops()
+
+
 class ModelCost(NamedTuple):
     params: int
     macs: int

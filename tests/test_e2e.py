@@ -94,3 +94,19 @@ def test_two_nodes_on_loopback_train_together(tmp_path, digits_dir):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert 'rank 0/2 on cpu' in outs[0] and 'effective batch 32 (16 x 2 processes' in outs[0]
     assert os.path.isfile(os.path.join(out, 'msg_demo', 'default', 'ckpt_epoch_0.pth'))
+
+
+def test_ema_accumulation_bf16_then_throughput(tmp_path, digits_dir):
+    common = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path)]
+    proc = launch(common + ['--accumulation-steps', '2', '--amp-dtype', 'bfloat16',
+                            '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.EMA.ENABLE', 'True', *FAST], launcher='python')
+    assert 'effective batch 32 (16 x 1 processes x 2 accumulation)' in proc.stdout
+    assert 'Train: [0/1][12/12]' in proc.stdout                     # 12 batches, 6 optimiser updates
+    assert '6 updates per epoch' in proc.stdout and 'Test EMA' in proc.stdout
+    run_dir = os.path.join(str(tmp_path), 'msg_demo', 'default')
+    row = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).readline())
+    assert row['ema_acc1'] is not None and row['rss_mb'] > 0
+    thr = launch(common + ['--throughput', '--resume', os.path.join(run_dir, 'ckpt_epoch_0.pth'), '--tag', 'thr',
+                           '--amp-opt-level', 'O0'], launcher='python')
+    assert re.search(r'batch_size 16 throughput [\d.]+ images/s .*float32', thr.stdout)
+    assert 'apex is not used; native torch.amp is off' in thr.stdout

@@ -1,0 +1,597 @@
+"""MSG-Transformer: window attention whose windows talk through messenger (MSG) tokens.
+
+Paper: Jiemin Fang, Lingxi Xie, Xinggang Wang, Xiaopeng Zhang, Wenyu Liu, Qi Tian, "MSG-Transformer:
+Exchanging Local Spatial Information by Manipulating Messenger Tokens", CVPR 2022 (arXiv:2105.15168).
+Official code: github.com/hustvl/MSG-Transformer (models/msg_transformer.py); this is an independent
+implementation of the same function with the same state_dict, so official checkpoints load strictly.
+
+What it computes
+----------------
+* Stem: a 7x7 conv with stride ``patch_size`` (overlapping patches) + LayerNorm gives a patch map of
+  (H, W) = img / patch_size tokens.
+* Every window of ws x ws patches carries one MSG token (token 0), so a stage holds (B, nW, N, C) tokens.
+  At the first stage every group of gs x gs windows starts from the learned ``msg_tokens`` (one per window
+  of a group, shared by all groups).
+* Block: pre-norm window attention over the N tokens of each window with a relative-position bias between
+  patches plus two learned per-head biases (``rel_pos_msg[:, 0]``: patch -> MSG, ``rel_pos_msg[:, 1]``:
+  MSG -> every token), residual; then the MSG tokens are shuffled inside each group of G = gs*gs windows
+  (channel chunk j of window i's MSG moves to chunk i of window j; ``manip_type='shuf'``); then a pre-norm
+  MLP, residual.
+* Between stages one 3x3 stride-2 conv + LayerNorm (shared weights) halves the patch map and, separately,
+  the MSG map (the MSG tokens laid out as an (H/ws, W/ws) map). The window side stays ws, so each stage has
+  4x fewer windows; the groups are re-cut with the next stage's gs.
+* Head: final LayerNorm of the last stage's MSG tokens, mean over that stage's windows, linear classifier.
+  At 224 (ws 7) the last stage is one window, so this is exactly the official output; the official code
+  returns one row per window at larger sizes, this averages them.
+
+Layout
+------
+NCHW at the input, NHWC maps between the stem / downsample convs and the windows, (B, nW, N, C) token
+tensors inside stages with the batch leading (so ``DropPath`` drops per image; the official batches
+groups of windows and so drops per group wherever a stage has several, e.g. the first stage at 224: a
+training-time difference only). Windows
+are ordered group by group (``models.layers.window_partition`` with ``group_size=gs``), so each group
+is G consecutive windows.
+
+Abbreviations: B batch, C channels, H/W map height/width in tokens, ws window side, N = 1 + ws*ws tokens
+per window, nW windows per image, nH heads, hd head dim, gs shuffle group side (``shuffle_size``),
+G = gs*gs windows per group, nG groups per image.
+
+Input sizes
+-----------
+Each side must be a multiple of ``patch_size * lcm_i(2**i * ws * gs_i)`` (224 for the released models:
+224, 448, 672, ...): every stage's map must split exactly into groups of windows. The constructor checks
+``img_size`` and raises ``ValueError`` naming valid sizes; ``forward`` accepts any valid size (not only
+``img_size``) unless ``ape=True``, whose position table fixes the size to ``img_size``. (The official
+``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC map; here the table is viewed as (1, H, W, C),
+with the official parameter shape.)
+
+Gradients
+---------
+Every parameter is in the graph of the logits, but in the very last block the patch queries' biases (its
+``relative_position_bias_table`` and ``rel_pos_msg[:, 0]``) only reach patch tokens the head discards, so
+their gradient is exactly zero (as in the official model); ``forward_intermediates`` does use them.
+
+Weight decay
+------------
+``no_weight_decay()`` returns the real names ``{'msg_tokens'}`` (+ ``'absolute_pos_embed'`` with ape).
+The official code lists ``'msg_token'``, which matches no parameter, so it decays ``msg_tokens``. We follow
+its evident intent (learned tokens are exempt, as ``cls_token`` / ``pos_embed`` in DeiT/Swin); it is
+gs_0**2 * C = 16 * C numbers, so the difference in training is negligible. ``no_weight_decay_keywords()``
+is the official ``{'relative_position_bias_table', 'rel_pos_msg'}``, which does match.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+from torch.utils.checkpoint import checkpoint
+
+from .build import register_model_type
+from .layers import DropPath, Mlp, relative_position_index, to_2tuple, trunc_normal_, window_partition, window_reverse
+
+__all__ = ['MSGTransformer', 'build_msg']
+
+PATCH_EMBED_KERNEL = 7   # official stem: 7x7 conv, stride patch_size
+MERGE_KERNEL = 3         # downsample conv between stages: 3x3, stride 2, padding 1 (halves even sizes)
+MERGE_STRIDE = 2
+INIT_STD = .02           # trunc-normal std of linear weights, bias tables and MSG tokens (official)
+MANIP_TYPES = ('shuf', 'none')
+
+
+def shuffle_msg_(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Shuffle the MSG tokens inside each group of G = gs*gs windows, writing into ``x``.
+
+    Channel chunk j (of C/G channels) of window i's MSG goes to chunk i of window j. ``x`` must be a
+    fresh tensor (nothing else holds it); only its MSG rows are rewritten, instead of copying all tokens.
+
+    Args:
+        x: (B, nW, N, C), token 0 of each window is its MSG.
+        group_size: gs.
+
+    Returns:
+        ``x``.
+    """
+    G = group_size * group_size
+    if G == 1:
+        return x
+    B, nW, _, C = x.shape
+    msg = x[:, :, 0].reshape(B, nW // G, G, G, C // G)  # B, nG, G (window), G (chunk), C/G
+    x[:, :, 0] = msg.transpose(2, 3).reshape(B, nW, C)  # B, nW, C (a copy: the transpose is not viewable)
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping stem: 7x7 conv with stride patch_size, then (optionally) LayerNorm. NCHW in, NHWC out."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool) -> None:
+        super().__init__()
+        # (kernel - patch + 1) // 2 makes the grid exactly img / patch (the official's 2 for patch 4).
+        self.proj = nn.Conv2d(in_chans, embed_dim, PATCH_EMBED_KERNEL, stride=patch_size,
+                              padding=(PATCH_EMBED_KERNEL - patch_size + 1) // 2)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W). Returns: (B, H/patch, W/patch, C), contiguous."""
+        x = self.proj(x).permute(0, 2, 3, 1)  # B, H, W, C
+        return self.norm(x) if isinstance(self.norm, nn.LayerNorm) else x.contiguous()
+
+
+class MessengerAttention(nn.Module):
+    """Multi-head self-attention inside each window of 1 MSG + ws*ws patch tokens.
+
+    The additive bias is the Swin relative-position bias between patches, ``rel_pos_msg[:, 0]`` on every
+    patch query's MSG key and ``rel_pos_msg[:, 1]`` on every key of the MSG query (official layout).
+    ``fused_attn`` runs ``F.scaled_dot_product_attention`` with the bias as a float mask (except when training
+    on CPU, where no fused kernel returns the mask's gradient); otherwise plain matmuls + softmax (same
+    function, for debugging).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: int,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
+        self.fused_attn = fused_attn
+
+        num_rel = (2 * window_size - 1) ** 2
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))  # (2ws-1)^2, nH
+        self.rel_pos_msg = nn.Parameter(torch.zeros(num_heads, 2, 1, 1))  # nH, (patch->MSG, MSG->all), 1, 1
+        index = relative_position_index(window_size)  # ws*ws, ws*ws
+        # Persistent only so that official checkpoints (which carry it) load strictly.
+        self.register_buffer('relative_position_index', index)
+        # Index of every (query, key) pair of the N tokens into [bias table; patch->MSG; MSG->all].
+        bias_index = F.pad(index, (1, 0, 1, 0), value=num_rel + 1)  # N, N; row 0 = MSG query
+        bias_index[1:, 0] = num_rel  # MSG key of patch queries
+        self.register_buffer('bias_index', bias_index.flatten(), persistent=False)  # N*N
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attn_bias(self) -> torch.Tensor:
+        """Returns: (nH, N, N) additive attention bias."""
+        N = self.window_size ** 2 + 1
+        table = torch.cat((self.relative_position_bias_table.t(),
+                           self.rel_pos_msg.view(self.num_heads, 2)), dim=1)  # nH, (2ws-1)^2 + 2
+        return table.index_select(1, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
+        B, nW, N, C = x.shape
+        qkv = self.qkv(x).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, nH, N, hd
+        bias = self.attn_bias()
+        # No CPU kernel fuses attention with a mask that needs a gradient: SDPA would fall back to its math
+        # kernel, slower than the plain path below (which computes the same function).
+        if self.fused_attn and not (bias.requires_grad and bias.device.type == 'cpu'):
+            # A 4-D mask: with a 3-D one the CPU dispatcher falls back to the (much slower) math kernel.
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),  # 1, nH, N, N
+                                               dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B*nW, nH, N, N
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, N, hd
+        x = x.transpose(1, 2).reshape(B, nW, N, C)  # B, nW, N, C
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'fused_attn={self.fused_attn}')
+
+
+class MSGBlock(nn.Module):
+    """Pre-norm window attention, MSG shuffle, pre-norm MLP. Tokens (B, nW, N, C) in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: int,
+            shuffle_size: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.shuffle_size = shuffle_size  # 1: no shuffle (manip_type 'none' or a one-window group)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MessengerAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                       attn_drop=attn_drop, proj_drop=drop, fused_attn=fused_attn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # a fresh tensor: the shuffle may write into it
+        x = shuffle_msg_(x, self.shuffle_size)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Halve the patch map and the MSG map with one shared 3x3 stride-2 conv + LayerNorm (C -> 2C)."""
+
+    def __init__(self, dim: int, window_size: int, shuffle_size: int, next_shuffle_size: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shuffle_size = shuffle_size
+        self.next_shuffle_size = next_shuffle_size
+        self.reduction = nn.Conv2d(dim, 2 * dim, MERGE_KERNEL, MERGE_STRIDE, padding=MERGE_KERNEL // 2)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, H, W, C) contiguous. Returns: (B, H/2, W/2, 2C)."""
+        # The NHWC tensor seen as NCHW is channels_last, which the conv keeps: both permutes are free.
+        x = self.reduction(x.permute(0, 3, 1, 2))  # B, 2C, H/2, W/2
+        return self.norm(x.permute(0, 2, 3, 1))  # B, H/2, W/2, 2C
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Args: x: (B, nW, N, C), hw: (H, W) of the patch map. Returns: (B, nW/4, N, 2C)."""
+        H, W = hw
+        ws, gs, next_gs = self.window_size, self.shuffle_size, self.next_shuffle_size
+        patches = self._reduce(window_reverse(x[:, :, 1:], ws, H, W, gs))  # B, H/2, W/2, 2C
+        msgs = self._reduce(window_reverse(x[:, :, :1], 1, H // ws, W // ws, gs))  # B, H/2ws, W/2ws, 2C
+        patches = window_partition(patches, ws, next_gs)  # B, nW/4, ws*ws, 2C
+        msgs = window_partition(msgs, 1, next_gs)  # B, nW/4, 1, 2C
+        return torch.cat((msgs, patches), dim=2)  # B, nW/4, N, 2C
+
+
+class MSGStage(nn.Module):
+    """``depth`` MSG blocks, and (except for the last stage) the downsample to the next stage.
+
+    Tokens are ordered in groups of shuffle_size x shuffle_size windows; ``shuffle_msgs`` says whether the
+    blocks shuffle MSG tokens inside those groups (manip_type 'shuf') or not ('none'). ``forward`` runs the
+    blocks only: the model reads the stage's output map before it applies ``downsample`` (which lives here
+    for the official state_dict names, ``layers.i.downsample``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            window_size: int,
+            shuffle_size: int,
+            next_shuffle_size: Optional[int],
+            shuffle_msgs: bool,
+            mlp_ratio: float,
+            qkv_bias: bool,
+            qk_scale: Optional[float],
+            drop: float,
+            attn_drop: float,
+            drop_path: Sequence[float],
+            fused_attn: bool,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.group_size = shuffle_size  # window grouping of the token order, also with shuffle_msgs=False
+        self.blocks = nn.ModuleList([
+            MSGBlock(dim, num_heads, window_size, shuffle_size if shuffle_msgs else 1, mlp_ratio=mlp_ratio,
+                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
+                     fused_attn=fused_attn)
+            for i in range(depth)])
+        self.downsample = None if next_shuffle_size is None else PatchMerging(
+            dim, window_size, shuffle_size, next_shuffle_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class MSGTransformer(nn.Module):
+    """MSG-Transformer (see the module docstring).
+
+    Args:
+        img_size: input size (int or (H, W)); checked against the geometry, fixes the size only with ape.
+        patch_size: stride of the 7x7 stem conv.
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 for no head (``forward`` returns features).
+        embed_dim: channels of the first stage (doubled at each stage).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: ws, window side in patches (every stage).
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias in the qkv projection.
+        qk_scale: attention scale; None for head_dim ** -0.5.
+        drop_rate: dropout after the stem, in the MLP and after the attention projection.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, linearly increasing from 0 to this over all blocks.
+        ape: learned absolute position embedding added after the stem (fixes the input size to img_size).
+        patch_norm: LayerNorm after the stem conv.
+        shuffle_size: gs per stage, the side of a shuffle group in windows.
+        manip_type: 'shuf' (shuffle MSG tokens) or 'none' (MSG tokens stay in their window).
+        fused_attn: attention through ``F.scaled_dot_product_attention``; False: plain matmuls.
+        use_checkpoint: gradient checkpointing per block (see ``set_grad_checkpointing``).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: int = 7,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            ape: bool = False,
+            patch_norm: bool = True,
+            shuffle_size: Sequence[int] = (4, 4, 2, 1),
+            manip_type: str = 'shuf',
+            fused_attn: bool = True,
+            use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        depths, num_heads, shuffle_size = tuple(depths), tuple(num_heads), tuple(shuffle_size)
+        num_stages = len(depths)
+        dims = tuple(embed_dim * 2 ** i for i in range(num_stages))
+        _check_arch(patch_size, dims, depths, num_heads, window_size, shuffle_size, manip_type)
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.window_size = window_size
+        self.shuffle_size = shuffle_size
+        # Every side must be a multiple of this: each stage's map splits exactly into groups of windows.
+        self.size_multiple = patch_size * math.lcm(*(2 ** i * window_size * gs for i, gs in enumerate(shuffle_size)))
+        self._check_size(self.img_size, 'img_size')
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.ape = ape
+        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f'layers.{i}')
+                             for i, d in enumerate(dims)]
+
+        self.msg_tokens = nn.Parameter(torch.zeros(1, shuffle_size[0] ** 2, 1, embed_dim))  # 1, G, 1, C
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        if ape:
+            grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))  # 1, H*W, C
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        self.layers = nn.ModuleList()
+        for i in range(num_stages):
+            self.layers.append(MSGStage(
+                dim=dims[i],
+                depth=depths[i],
+                num_heads=num_heads[i],
+                window_size=window_size,
+                shuffle_size=shuffle_size[i],
+                next_shuffle_size=shuffle_size[i + 1] if i + 1 < num_stages else None,
+                shuffle_msgs=manip_type == 'shuf',
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                fused_attn=fused_attn,
+            ))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        trunc_normal_(self.msg_tokens, std=INIT_STD)
+        if ape:
+            trunc_normal_(self.absolute_pos_embed, std=INIT_STD)
+        for m in self.modules():
+            if isinstance(m, MessengerAttention):
+                trunc_normal_(m.relative_position_bias_table, std=INIT_STD)
+                trunc_normal_(m.rel_pos_msg, std=INIT_STD)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_size(self, hw: Tuple[int, int], what: str) -> None:
+        m = self.size_multiple
+        if any(s <= 0 or s % m for s in hw):
+            raise ValueError(
+                f'{what} {hw[0]}x{hw[1]} does not fit patch_size {self.patch_size}, window_size '
+                f'{self.window_size}, shuffle_size {list(self.shuffle_size)}: each side must be a multiple of '
+                f'{m} (valid sizes: {m}, {2 * m}, {3 * m}, ...)')
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Exempt parameter names (real ones; the official 'msg_token' matched nothing, see module doc)."""
+        return {'msg_tokens', 'absolute_pos_embed'} if self.ape else {'msg_tokens'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> Set[str]:
+        return {'relative_position_bias_table', 'rel_pos_msg'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: no head)."""
+        self.num_classes = num_classes
+        p = self.norm.weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
+                     if num_classes > 0 else nn.Identity())
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Args: x: (B, in_chans, H, W) NCHW image. Returns: first-stage tokens (B, nW, N, C), patch map (H, W)."""
+        hw = (x.shape[-2], x.shape[-1])
+        self._check_size(hw, 'input size')
+        if self.ape and hw != self.img_size:
+            raise ValueError(f'input size {hw[0]}x{hw[1]} differs from img_size '
+                             f'{self.img_size[0]}x{self.img_size[1]}, which ape=True fixes')
+        x = self.patch_embed(x)  # B, H, W, C
+        B, H, W, C = x.shape
+        if self.ape:
+            x = x + self.absolute_pos_embed.view(1, H, W, C)  # B, H, W, C
+        x = window_partition(self.pos_drop(x), self.window_size, self.shuffle_size[0])  # B, nW, ws*ws, C
+        nW, G = x.shape[1], self.msg_tokens.shape[1]
+        msgs = self.msg_tokens.view(1, 1, G, 1, C).expand(B, nW // G, G, 1, C)  # B, nG, G, 1, C (all groups alike)
+        x = torch.cat((msgs.reshape(B, nW, 1, C), x), dim=2)  # B, nW, N, C
+        return x, (H, W)
+
+    def _forward_stages(self, x: torch.Tensor, keep_maps: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Args: x: NCHW image. Returns: last-stage tokens (B, nW, N, C) and, if keep_maps, NCHW stage maps."""
+        x, (H, W) = self._embed(x)
+        maps = []
+        for stage in self.layers:
+            x = stage(x)
+            if keep_maps:
+                patches = window_reverse(x[:, :, 1:], self.window_size, H, W, stage.group_size)  # B, H, W, C
+                maps.append(patches.permute(0, 3, 1, 2).contiguous())  # B, C, H, W
+            if stage.downsample is not None:
+                x = stage.downsample(x, (H, W))
+                H, W = H // MERGE_STRIDE, W // MERGE_STRIDE
+        return x, maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W). Returns: (B, num_features), the normed last-stage MSG tokens averaged."""
+        x, _ = self._forward_stages(x, keep_maps=False)
+        return self.norm(x[:, :, 0]).mean(dim=1)  # B, C
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Multi-scale patch maps for dense heads.
+
+        Args:
+            x: (B, in_chans, H, W).
+
+        Returns:
+            One NCHW map per stage, (B, embed_dim * 2**i, H / (patch_size * 2**i), W / (patch_size * 2**i)),
+            i.e. strides 4/8/16/32 for patch 4: each stage's patch tokens after its last block, before the
+            downsample, without any extra norm (MSG tokens are left out).
+        """
+        return self._forward_stages(x, keep_maps=True)[1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Args: x: (B, num_features) from forward_features. Returns: (B, num_classes) or x if pre_logits."""
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W) NCHW. Returns: (B, num_classes) logits."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _check_arch(patch_size: int, dims: Tuple[int, ...], depths: Tuple[int, ...], num_heads: Tuple[int, ...],
+                window_size: int, shuffle_size: Tuple[int, ...], manip_type: str) -> None:
+    """Raise ValueError for an architecture the model cannot build."""
+    if not 1 <= patch_size <= PATCH_EMBED_KERNEL + 1:
+        raise ValueError(f'patch_size must be in 1..{PATCH_EMBED_KERNEL + 1} (stem kernel {PATCH_EMBED_KERNEL}), '
+                         f'got {patch_size}')
+    if window_size < 1:
+        raise ValueError(f'window_size must be >= 1, got {window_size}')
+    if not len(dims) == len(num_heads) == len(shuffle_size) or not dims:
+        raise ValueError(f'depths {list(depths)}, num_heads {list(num_heads)} and shuffle_size {list(shuffle_size)} '
+                         f'need one entry per stage')
+    if manip_type not in MANIP_TYPES:
+        raise ValueError(f"manip_type must be one of {MANIP_TYPES}, got {manip_type!r}")
+    for i, (dim, heads, gs) in enumerate(zip(dims, num_heads, shuffle_size)):
+        if heads < 1 or dim % heads:
+            raise ValueError(f'stage {i}: num_heads {heads} does not divide its {dim} channels')
+        if gs < 1:
+            raise ValueError(f'stage {i}: shuffle_size must be >= 1, got {gs}')
+        if manip_type == 'shuf' and dim % (gs * gs):
+            raise ValueError(f'stage {i}: the MSG shuffle splits {dim} channels into shuffle_size**2 = {gs * gs} '
+                             f'chunks; {gs * gs} does not divide {dim}')
+
+
+@register_model_type('msg', 'msg_transformer')
+def build_msg(config) -> MSGTransformer:
+    """Build from ``MODEL.MSG.*``, ``DATA.IMG_SIZE``, ``MODEL.{NUM_CLASSES, DROP_RATE, DROP_PATH_RATE,
+    FUSED_ATTN}`` and ``TRAIN.USE_CHECKPOINT``."""
+    c = config.MODEL.MSG
+    return MSGTransformer(
+        img_size=config.DATA.IMG_SIZE,
+        patch_size=c.PATCH_SIZE,
+        in_chans=c.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES,
+        embed_dim=c.EMBED_DIM,
+        depths=c.DEPTHS,
+        num_heads=c.NUM_HEADS,
+        window_size=c.WINDOW_SIZE,
+        mlp_ratio=c.MLP_RATIO,
+        qkv_bias=c.QKV_BIAS,
+        qk_scale=c.QK_SCALE,
+        drop_rate=config.MODEL.DROP_RATE,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE,
+        ape=c.APE,
+        patch_norm=c.PATCH_NORM,
+        shuffle_size=c.SHUF_SIZE,
+        manip_type=c.MANIP_TYPE,
+        fused_attn=config.MODEL.FUSED_ATTN,
+        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+    )
+
+
+# T/S/B as data (configs/msg_*_p4_win7_224.yaml); window 7, patch 4, shuffle (4, 4, 2, 1) are the defaults.
+_VARIANTS = {
+    'tiny': dict(embed_dim=64, depths=(2, 4, 12, 4), num_heads=(2, 4, 8, 16), drop_path_rate=0.1),
+    'small': dict(embed_dim=96, depths=(2, 4, 12, 4), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    'base': dict(embed_dim=96, depths=(2, 4, 28, 4), num_heads=(3, 6, 12, 24), drop_path_rate=0.5),
+}
+_TIMM_FACTORY_KEYS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')  # passed by timm.create_model
+
+
+def _create_msg_transformer(variant: str, pretrained: bool, **kwargs) -> MSGTransformer:
+    if pretrained:
+        raise ValueError(f'msg_transformer_{variant}: no pretrained weights are downloaded; build with '
+                         f'pretrained=False and load an official checkpoint with load_state_dict')
+    for key in _TIMM_FACTORY_KEYS:
+        kwargs.pop(key, None)
+    return MSGTransformer(**{**_VARIANTS[variant], **kwargs})  # unknown keys raise TypeError
+
+
+@register_model
+def msg_transformer_tiny(pretrained: bool = False, **kwargs) -> MSGTransformer:
+    return _create_msg_transformer('tiny', pretrained, **kwargs)
+
+
+@register_model
+def msg_transformer_small(pretrained: bool = False, **kwargs) -> MSGTransformer:
+    return _create_msg_transformer('small', pretrained, **kwargs)
+
+
+@register_model
+def msg_transformer_base(pretrained: bool = False, **kwargs) -> MSGTransformer:
+    return _create_msg_transformer('base', pretrained, **kwargs)
