@@ -14,14 +14,14 @@ import datetime
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
 
-from utils import all_reduce_sum, get_world_size
+from utils import all_reduce_sum, get_world_size, unwrap_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,7 +36,6 @@ class TrainState:
     num_updates: int = 0           # optimiser updates so far (drives the LR schedule)
     max_accuracy: float = 0.0
     nonfinite_in_row: int = 0
-    history: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -130,14 +129,33 @@ def train_one_epoch(
                                        f'lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD (the last good checkpoint is kept)')
             grad_norm = float('nan')
         else:
-            state.nonfinite_in_row = 0
             scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            scaler.step(optimizer)
-            scaler.update()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # same on every rank
+            if scaler.is_enabled():
+                # float16: the scaler skips steps with inf/NaN gradients and lowers its scale (normal early on).
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                stepped = scaler.get_scale() >= scale
+            elif math.isfinite(grad_norm):
+                optimizer.step()
+                stepped = True
+            else:
+                # A finite loss with non-finite gradients: skip, like a non-finite loss (all ranks agree,
+                # since the gradients were all-reduced).
+                stepped = False
+                nonfinite_steps += 1
+                state.nonfinite_in_row += 1
+                if logger:
+                    logger.warning(f'non-finite gradient at epoch {state.epoch} step {idx}: update skipped')
+                if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
+                    raise TrainingDiverged(f'{state.nonfinite_in_row} non-finite updates in a row at epoch '
+                                           f'{state.epoch}; lower TRAIN.BASE_LR (the last good checkpoint is kept)')
             optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(model, step=state.num_updates)
+            if stepped:
+                state.nonfinite_in_row = 0
+                if model_ema is not None:
+                    model_ema.update(unwrap_model(model), step=state.num_updates)
         state.num_updates += 1
         scheduler.step_update(state.num_updates)
         state.step_in_epoch = idx + 1

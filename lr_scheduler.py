@@ -13,6 +13,8 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
+from config import ConfigError
+
 SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 
 
@@ -59,4 +61,4 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, n_updates_per_epoc
     if name == 'multistep':
         return MultiStepLRScheduler(optimizer, decay_t=[int(m * n_updates_per_epoch) for m in sched.MULTISTEPS],
                                     decay_rate=sched.GAMMA, warmup_prefix=sched.WARMUP_PREFIX, **common)
-    raise ValueError(f"unknown TRAIN.LR_SCHEDULER.NAME '{sched.NAME}'; choose one of: {', '.join(SCHEDULERS)}")
+    raise ConfigError(f"unknown TRAIN.LR_SCHEDULER.NAME '{sched.NAME}'; choose one of: {', '.join(SCHEDULERS)}")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -30,11 +32,12 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, updates_per_epoch
 from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from utils import (CheckpointError, barrier, current_rss_mb, extract_state_dict, find_resume_checkpoint, get_rank, init_distributed,
+from utils import (CHECKPOINT_VERSION, CheckpointError, all_reduce_sum, barrier, current_rss_mb, get_world_size, extract_state_dict, find_resume_checkpoint, get_rank, init_distributed,
                    is_dist, load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints,
                    resolve_device, save_checkpoint, seed_everything, unwrap_model)
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
+EPOCH_SEED_STRIDE = 1000  # seeds of consecutive epochs differ by this, of ranks by 1
 
 
 def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -86,14 +89,17 @@ def build_criterion(config, mixup: bool) -> nn.Module:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the training loop stops every rank at the same update and checkpoints."""
+    """SIGTERM, SIGUSR1 or a first Ctrl-C set a flag: every rank stops at the same update and rank 0 writes a
+    checkpoint. A second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
     def __call__(self) -> bool:
@@ -125,8 +131,10 @@ def _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema,
         'step_in_epoch': state.step_in_epoch,
         'num_updates': state.num_updates,
         'max_accuracy': state.max_accuracy,
+        'batch_size': config.DATA.BATCH_SIZE,
+        'world_size': get_world_size(),
         'config': config.dump(),
-        'version': 1,
+        'version': CHECKPOINT_VERSION,
     }
 
 
@@ -144,11 +152,21 @@ def _resume(config, ckpt: dict, path: str, model, optimizer, scheduler, scaler, 
         logger.info(f"resume: loaded official-format checkpoint '{path}', continuing at epoch {state.epoch}")
         return
     optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    if model_ema is not None and ckpt.get('model_ema') is not None:
-        model_ema.load_state_dict(ckpt['model_ema'])
+    if scaler.is_enabled() and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if model_ema is not None:
+        if ckpt.get('model_ema') is not None:
+            model_ema.load_state_dict(ckpt['model_ema'])
+        else:
+            model_ema.set(unwrap_model(model))
     state.epoch = ckpt['epoch']
     state.step_in_epoch = ckpt.get('step_in_epoch', 0)
+    if state.step_in_epoch and (ckpt.get('batch_size'), ckpt.get('world_size')) != (config.DATA.BATCH_SIZE,
+                                                                                     get_world_size()):
+        logger.warning(f"resume: the checkpoint stopped mid-epoch with batch {ckpt.get('batch_size')} x "
+                       f"{ckpt.get('world_size')} processes, this run has {config.DATA.BATCH_SIZE} x "
+                       f"{get_world_size()}: restarting epoch {state.epoch} from its first batch")
+        state.step_in_epoch = 0
     state.num_updates = ckpt.get('num_updates', 0)
     state.max_accuracy = ckpt.get('max_accuracy', 0.0)
     # The schedule is a function of the current config and the update count (not restored from the file), so
@@ -165,11 +183,12 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
     if rank == 0:
-        with open(os.path.join(config.OUTPUT, 'config.yaml'), 'w') as f:
+        name = 'config.yaml' if not (config.EVAL_MODE or config.THROUGHPUT_MODE) else 'config_eval.yaml'
+        with open(os.path.join(config.OUTPUT, name), 'w') as f:
             f.write(config.dump())
-        logger.info(f'full config saved to {os.path.join(config.OUTPUT, "config.yaml")}')
+        logger.info(f'full config saved to {os.path.join(config.OUTPUT, name)}')
     logger.info(f'rank {rank}/{world_size} on {device}')
-    seed_everything(config.SEED + rank)
+    seed_everything(config.SEED)  # the same initial weights (and EMA) on every rank
     precision = resolve_precision(config, device, logger)
 
     try:
@@ -236,11 +255,13 @@ def run(args: argparse.Namespace) -> int:
         if model_ema is not None:
             model_ema.set(model)
 
-    model_without_ddp = model
+    # Evaluation runs the plain model: DDP would add collectives (buffer broadcasts) to every eval forward,
+    # which hang when ranks hold different numbers of validation batches.
+    eval_model = _maybe_compile(model, config.TRAIN.COMPILE, logger)
     if is_dist():
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-    model = _maybe_compile(model, config.TRAIN.COMPILE, logger)
+    model = _maybe_compile(model, config.TRAIN.COMPILE, logger) if config.TRAIN.COMPILE else model
     criterion = build_criterion(config, mixup_fn is not None)
     stop = StopRequest()
     writer = _tensorboard(config.OUTPUT) if rank == 0 else None
@@ -251,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     sampler = loader_train.sampler
     while state.epoch < config.TRAIN.EPOCHS:
         epoch = state.epoch
-        seed_everything(config.SEED + rank + 1000 * epoch)  # augmentation and drop-path depend on the epoch only
+        # Augmentation, mixup and drop-path depend only on (seed, rank, epoch): a resumed epoch repeats exactly.
+        seed_everything(config.SEED + rank + EPOCH_SEED_STRIDE * epoch)
         sampler.set_epoch(epoch)
         sampler.start_index = state.step_in_epoch * config.DATA.BATCH_SIZE
         stats = train_one_epoch(config=config, model=model, criterion=criterion, loader=loader_train,
@@ -262,16 +284,20 @@ def run(args: argparse.Namespace) -> int:
         if stats['skipped_images'] or stats['nonfinite_steps']:
             logger.warning(f'epoch {epoch}: skipped {stats["skipped_images"]} unreadable images, '
                            f'{stats["nonfinite_steps"]} updates with non-finite loss')
+        if not stats['stopped'] and all_reduce_sum(torch.tensor(float(stop()))).item() > 0:
+            # Asked to stop after the epoch's last update: checkpoint at the boundary and skip evaluation.
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            stats['stopped'] = True
         if stats['stopped']:
             if rank == 0:
                 save_checkpoint(os.path.join(config.OUTPUT, 'last.pth'),
                                 _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema, state))
             barrier()
-            logger.info(f'stop requested: checkpoint written at epoch {epoch} step {state.step_in_epoch}; '
+            logger.info(f'stop requested: checkpoint written at epoch {state.epoch} step {state.step_in_epoch}; '
                         f'rerun the same command to continue')
             return 0
 
-        val = evaluate(model, loader_val, device, precision, logger, print_freq=config.PRINT_FREQ)
+        val = evaluate(eval_model, loader_val, device, precision, logger, print_freq=config.PRINT_FREQ)
         logger.info(f'Accuracy of the network on the {val["num_images"]} test images: {val["acc1"]:.1f}%')
         ema_acc1 = None
         if model_ema is not None:
@@ -307,7 +333,6 @@ def run(args: argparse.Namespace) -> int:
         barrier()
     logger.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - t_start))}; '
                 f'best top-1 {state.max_accuracy:.3f}')
-    del model_without_ddp
     return 0
 
 
@@ -319,16 +344,39 @@ def _tensorboard(output_dir: str):
     return SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker, only the original message."""
+    text = str(e).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1]
+        text = re.sub(r'^[\w.]+(Error|Exception): ', '', text)
+    return ' '.join(text.split())
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    text = str(e)
+    return is_dist() and (isinstance(e, dist.DistError) or 'gloo' in text.lower() or 'nccl' in text.lower())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_option(argv)
+    prefix = lambda: f'[rank {get_rank()}] ' if is_dist() else ''  # noqa: E731
     try:
         return run(args)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        prefix = f'[rank {get_rank()}] ' if is_dist() else ''
-        print(f'{prefix}error: {e}', file=sys.stderr, flush=True)
+        print(f'{prefix()}error: {_one_line(e)}', file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(f'{prefix()}interrupted', file=sys.stderr, flush=True)
+        return 130
+    except (RuntimeError, dist.DistError) as e:
+        if args.debug or not _is_collective_failure(e):
+            raise
+        print(f'{prefix()}error: another process of this run failed or was killed (see its log_rank*.txt); '
+              f'rerun the command to resume from the last checkpoint', file=sys.stderr, flush=True)
+        return 1
     finally:
         if is_dist():
             torch.distributed.destroy_process_group()

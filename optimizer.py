@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from config import ConfigError
+
 OPTIMIZERS = ('adamw', 'sgd')
 
 
@@ -46,4 +48,4 @@ def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimize
         return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS))
     if name == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
-    raise ValueError(f"unknown TRAIN.OPTIMIZER.NAME '{opt.NAME}'; choose one of: {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown TRAIN.OPTIMIZER.NAME '{opt.NAME}'; choose one of: {', '.join(OPTIMIZERS)}")

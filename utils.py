@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from config import ConfigError
+
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
 
@@ -87,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == 'cuda':
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         if device.index is None:
             device = torch.device('cuda', local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -317,16 +319,3 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             os.remove(p)
         except FileNotFoundError:
             pass
-
-
-def config_from_checkpoint(ckpt: dict) -> Optional[CfgNode]:
-    """The run config a checkpoint carries (our YAML text or an official pickled CfgNode), if any."""
-    cfg = ckpt.get('config')
-    if isinstance(cfg, CfgNode):
-        return cfg
-    if isinstance(cfg, str):
-        try:
-            return CfgNode.load_cfg(cfg)
-        except Exception:  # noqa: BLE001 - a damaged config text is informational only
-            return None
-    return None

@@ -202,20 +202,25 @@ def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = Non
                            skip_corrupt=is_train and config.DATA.SKIP_CORRUPT, logger=logger)
 
 
-def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool) -> DataLoader:
+PREFETCH_BATCHES = 4  # per worker
+
+
+def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool,
+            persistent: bool) -> DataLoader:
     workers = config.DATA.NUM_WORKERS
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=persistent and workers > 0,
+                      prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
 
 
 def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Logger] = None, train: bool = True):
     """Returns (dataset_train, dataset_val, loader_train, loader_val, mixup_fn); train parts are None if not
     ``train`` (evaluation and throughput runs need no training folder contents)."""
-    check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES)
+    check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES, splits=('train', 'val') if train else ('val',))
     dataset_val = build_dataset(config, is_train=False, logger=logger)
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,
-                         config.DATA.BATCH_SIZE, drop_last=False)
+                         config.DATA.BATCH_SIZE, drop_last=False, persistent=True)
     if not train:
         return None, dataset_val, None, loader_val, None
     dataset_train = build_dataset(config, is_train=True, logger=logger)
@@ -224,5 +229,7 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set gives {len(sampler)} images per process, fewer than one batch of "
                         f"{config.DATA.BATCH_SIZE}; lower --batch-size")
-    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True)
+    # Fresh workers each epoch: they are seeded from the per-epoch RNG state, so a resumed epoch augments
+    # exactly as an uninterrupted one would (persistent workers would carry their RNG across epochs).
+    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, persistent=False)
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

@@ -1,6 +1,8 @@
 """Issue 7: bad input ends in one line, crashes and preemption lose nothing, divergence is handled."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -26,7 +28,6 @@ def assert_one_line_error(proc, pattern):
     assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
     assert len(lines) == 1, proc.stderr
-    import re
     assert re.search(pattern, lines[0]), lines[0]
 
 
@@ -62,6 +63,40 @@ def test_checkpoint_of_other_class_count_lists_keys(tmp_path, digits_dir, small_
     torch.save(sd, bad)
     proc = main_py(['--cfg', DEMO_CFG, '--output', str(tmp_path), '--data-path', digits_dir, '--eval', '--resume', bad])
     assert_one_line_error(proc, r'does not fit.*shape mismatch: head.weight \(5, 256\) vs model \(10, 256\)')
+
+
+def test_corrupt_val_image_in_a_worker_is_one_line_and_eval_needs_no_train_folder(tmp_path, digits_dir, small_ckpt):
+    root = tmp_path / 'valonly'
+    shutil.copytree(os.path.join(digits_dir, 'val'), root / 'val')
+    (root / 'val' / '4' / 'broken.png').write_bytes(b'\x89PNG garbage')
+    proc = main_py(['--cfg', DEMO_CFG, '--output', str(tmp_path), '--data-path', str(root), '--eval',
+                    '--resume', small_ckpt, '--opts', 'DATA.NUM_WORKERS', '1'])
+    assert_one_line_error(proc, r"unreadable image '.*broken.png'")
+
+
+def test_accumulation_equals_one_large_batch():
+    """2 batches of 2 with accumulation 2 give the same update as 1 batch of 4."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    params = []
+    for accum, loader in ((1, [(x, y, torch.zeros(4))]), (2, [(x[:2], y[:2], torch.zeros(2)), (x[2:], y[2:], torch.zeros(2))])):
+        cfg = get_default_config()
+        merge_opts(cfg, ['TRAIN.ACCUMULATION_STEPS', str(accum), 'PRINT_FREQ', '1000', 'TRAIN.CLIP_GRAD', '0.0'])
+        torch.manual_seed(1)
+        model = _Toy()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        updates = []
+
+        class Sched:
+            def step_update(self, t):
+                updates.append(t)
+        train_one_epoch(config=cfg, model=model, criterion=nn.functional.cross_entropy, loader=loader,
+                        optimizer=opt, scheduler=Sched(), scaler=torch.amp.GradScaler('cpu', enabled=False),
+                        precision=Precision('cpu', False, torch.bfloat16), device=torch.device('cpu'),
+                        state=TrainState())
+        assert updates == [1]
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params))
 
 
 class _Toy(nn.Module):
@@ -113,6 +148,26 @@ def test_nonfinite_loss_skips_the_update():
     assert stats['nonfinite_steps'] == 2 and steps == 4 and state.num_updates == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert stats['loss'] == stats['loss']  # mean over the finite losses only, not NaN
+
+
+def test_nonfinite_gradient_with_finite_loss_is_skipped():
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float('inf')
+    calls = {'n': 0}
+
+    def criterion(out, target):
+        calls['n'] += 1
+        loss = nn.functional.cross_entropy(out, target)
+        return InfGrad.apply(loss) if calls['n'] == 3 else loss
+    stats, steps, state, model = _epoch(criterion)
+    assert stats['nonfinite_steps'] == 1 and steps == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_too_many_nonfinite_in_a_row_stops():
