@@ -456,6 +456,11 @@ class MGSSAF(nn.Module):
         if patch_size != STEM_STRIDE:
             raise ValueError(f'patch_size must be {STEM_STRIDE} (the conv stem is two stride-2 convs), '
                              f'got {patch_size}')
+        for i, h in enumerate(num_heads):
+            dim = embed_dim * 2 ** i
+            if h <= 0 or dim % h:
+                raise ValueError(f'stage {i}: num_heads {h} must divide its {dim} channels '
+                                 f'(embed_dim {embed_dim} x 2**{i})')
         num_global = [_global_heads(h, r, i) for i, (h, r) in enumerate(zip(num_heads, global_ratio))]
         for i, (g, s) in enumerate(zip(num_global, width)):
             if g and s <= 0:

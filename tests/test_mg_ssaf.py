@@ -325,3 +325,9 @@ def test_model_cost(models: dict[str, MGSSAF]) -> None:
     duplicated = 2 * (28 * 28 * 16 * 32 * 1) + 6 * (14 * 14 * 4 * 32 * 2)
     assert cost.macs + duplicated == official
     assert math.isclose(cost.macs / 1e9, 3.26, abs_tol=0.005)
+
+
+def test_heads_must_divide_channels():
+    with pytest.raises(ValueError, match=r'stage 1: num_heads 6 must divide its 64 channels'):
+        MGSSAF(img_size=64, window_size=2, width=(0, 1, 1, 0), embed_dim=32, depths=(1, 1, 1, 1),
+               num_heads=(1, 6, 6, 8), num_classes=10)
