@@ -112,3 +112,26 @@ def test_ema_accumulation_bf16_then_throughput(tmp_path, digits_dir):
                            '--amp-opt-level', 'O0'], launcher='python')
     assert re.search(r'batch_size 16 throughput [\d.]+ images/s .*float32', thr.stdout)
     assert 'apex is not used; native torch.amp is off' in thr.stdout
+
+
+def test_official_mg_ssaf_checkpoint_evaluates_through_main(tmp_path, digits_dir):
+    """An official-layout file ({'model': ...} with the unused attn.norm keys) loads via --eval --resume."""
+    import torch
+    from config import load_config_file
+    from models import build_model
+    from models.mg_ssaf import to_official_state_dict
+    cfg_path = os.path.join(ROOT, 'configs', 'MG-SSAF', 'MG-SSAF-demo.yaml')
+    model = build_model(load_config_file(cfg_path))
+    official = to_official_state_dict(model.state_dict())
+    blocks = [k[:-len('norm1.weight')] for k in official if '.blocks.' in k and k.endswith('.norm1.weight')]
+    assert blocks
+    for prefix in blocks:                            # what the released files carry and never use
+        width = official[prefix + 'norm1.weight'].shape[0]
+        official[prefix + 'attn.norm.weight'] = torch.ones(width)
+        official[prefix + 'attn.norm.bias'] = torch.zeros(width)
+    path = str(tmp_path / 'MG-SSAF-demo.pth')
+    torch.save({'model': official}, path)
+    proc = launch(['--cfg', cfg_path, '--data-path', digits_dir, '--output', str(tmp_path), '--eval', '--resume', path],
+                  launcher='python')
+    assert re.search(r'dropped \d+ parameters the official forward never uses', proc.stdout)
+    assert len(top1(proc.stdout)) == 1
