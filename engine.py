@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
 
-from utils import all_reduce_sum, get_world_size, unwrap_model
+from utils import all_reduce_sum, current_rss_mb, get_world_size, unwrap_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +50,10 @@ class Precision:
 
 
 def _memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory of this process, or its resident memory on CPU."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return 0.0
+    return current_rss_mb()
 
 
 def train_one_epoch(

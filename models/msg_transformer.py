@@ -52,6 +52,17 @@ Every parameter is in the graph of the logits, but in the very last block the pa
 ``relative_position_bias_table`` and ``rel_pos_msg[:, 0]``) only reach patch tokens the head discards, so
 their gradient is exactly zero (as in the official model); ``forward_intermediates`` does use them.
 
+Speed (exact shortcuts, same function)
+--------------------------------------
+* The head reads only the last stage's MSG tokens, so ``forward`` / ``forward_features`` run the very last
+  block for the MSG query rows only (keys and values from every token; ``msg_only``); ``forward_intermediates``
+  runs it in full. With ``drop_rate > 0`` that block's dropout draws masks for fewer rows (other masks).
+* On CPU in float32 the GEMMs go through oneDNN with the bias fused (``torch.ops.mkldnn._linear_pointwise``;
+  in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
+  and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs. ``MSGBlock.use_onednn = False``
+  restores the plain modules. Drop path and its residual add are one ``addcmul`` (timm's random draws).
+* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
+
 Weight decay
 ------------
 ``no_weight_decay()`` returns the real names ``{'msg_tokens'}`` (+ ``'absolute_pos_embed'`` with ape).
@@ -72,7 +83,7 @@ from timm.models import register_model
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import DropPath, Mlp, relative_position_index, to_2tuple, trunc_normal_, window_partition, window_reverse
+from .layers import DropPath, Mlp, relative_position_index, to_2tuple, trunc_normal_, window_reverse
 
 __all__ = ['MSGTransformer', 'build_msg']
 
@@ -105,6 +116,92 @@ def shuffle_msg_(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x
 
 
+# GEMMs through oneDNN with the bias fused (and, without autograd, an exact-erf GELU or a residual add): the
+# same function as F.linear (+ F.gelu / + residual) with other rounding, faster than addmm on CPU (which first
+# copies the bias into the output). CPU float32 only; the backward below is F.linear's.
+_DNNL_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # pragma: no cover
+    def _in_dispatch_mode() -> bool:
+        return False
+# Under a ``TorchDispatchMode`` (FLOP counter, fake tensors, ...) the model runs its plain, full path: the
+# official ops and MACs (``models.cost`` counts the architecture); the oneDNN ops and the MSG-only last block
+# are implementation shortcuts such modes need not know.
+
+
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU float32 without autocast (which F.linear would follow) and outside dispatch modes."""
+    return (_DNNL_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and not _in_dispatch_mode())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with a oneDNN forward; the backward is F.linear's (two GEMMs and a sum), saving the same."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])  # M, out
+        gx = grad.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        gw = grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _linear(x: torch.Tensor, fc: nn.Linear, onednn: bool) -> torch.Tensor:
+    """fc(x); through oneDNN when ``onednn`` (see ``MSGBlock.use_onednn``)."""
+    if not onednn:
+        return fc(x)
+    if torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad
+                                    or (fc.bias is not None and fc.bias.requires_grad)):
+        return _OneDNNLinear.apply(x, fc.weight, fc.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'none', [], '')
+
+
+def _linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """Exact (erf) GELU of fc(x), fused into the oneDNN GEMM (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'gelu', [], 'none')
+
+
+def _linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + fc(x), a fresh tensor, the add fused into the oneDNN GEMM (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, 'add')
+
+
+def window_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int, group_size: int) -> torch.Tensor:
+    """Windows with their MSG tokens in front, written in one pass (no partition copy then concatenation).
+
+    Same as ``torch.cat((window_partition(msg_map, 1, gs), window_partition(patches, ws, gs)), dim=2)``.
+
+    Args:
+        patches: (B, H, W, C) patch map.
+        msgs: the (H/ws, W/ws) MSG map split into groups, (B, H/(ws*gs), gs, W/(ws*gs), gs, C), or a tensor
+            that broadcasts to it (e.g. (1, 1, gs, 1, gs, C): every group alike).
+        window_size: ws.
+        group_size: gs.
+
+    Returns:
+        (B, nW, 1 + ws*ws, C), windows in ``window_partition`` order, token 0 of each its MSG.
+    """
+    B, H, W, C = patches.shape
+    ws, gs = window_size, group_size
+    nGh, nGw = H // (ws * gs), W // (ws * gs)
+    out = patches.new_empty(B, nGh * nGw * gs * gs, 1 + ws * ws, C)  # B, nW, N, C
+    out[:, :, 0].view(B, nGh, nGw, gs, gs, C).copy_(msgs.permute(0, 1, 3, 2, 4, 5))
+    out[:, :, 1:].view(B, nGh, nGw, gs, gs, ws, ws, C).copy_(
+        patches.view(B, nGh, gs, ws, nGw, gs, ws, C).permute(0, 1, 4, 2, 5, 3, 6, 7))
+    return out
+
+
 class PatchEmbed(nn.Module):
     """Overlapping stem: 7x7 conv with stride patch_size, then (optionally) LayerNorm. NCHW in, NHWC out."""
 
@@ -128,7 +225,8 @@ class MessengerAttention(nn.Module):
     patch query's MSG key and ``rel_pos_msg[:, 1]`` on every key of the MSG query (official layout).
     ``fused_attn`` runs ``F.scaled_dot_product_attention`` with the bias as a float mask (except when training
     on CPU, where no fused kernel returns the mask's gradient); otherwise plain matmuls + softmax (same
-    function, for debugging).
+    function, for debugging). ``MSGBlock`` calls ``attend`` (everything but ``proj``) so that it can fuse
+    ``proj`` with the residual add.
     """
 
     def __init__(
@@ -172,23 +270,38 @@ class MessengerAttention(nn.Module):
                            self.rel_pos_msg.view(self.num_heads, 2)), dim=1)  # nH, (2ws-1)^2 + 2
         return table.index_select(1, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
+    def attend(self, x: torch.Tensor, msg_only: bool = False, onednn: bool = False) -> torch.Tensor:
+        """Attention output before ``proj``.
+
+        Args:
+            x: (B, nW, N, C) normed tokens.
+            msg_only: queries of the MSG tokens only (keys and values from all tokens); exact for those rows.
+            onednn: the qkv GEMM through oneDNN (CPU float32 only).
+
+        Returns:
+            (B, nW, Nq, C) with Nq = 1 if msg_only else N.
+        """
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
+        qkv = _linear(x, self.qkv, onednn).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, nH, N, hd
-        bias = self.attn_bias()
+        bias = self.attn_bias()  # nH, N, N
+        if msg_only:  # the MSG query row; the full bias keeps every bias parameter in the graph (zero gradient)
+            q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
+        Nq = q.shape[2]
         # No CPU kernel fuses attention with a mask that needs a gradient: SDPA would fall back to its math
         # kernel, slower than the plain path below (which computes the same function).
         if self.fused_attn and not (bias.requires_grad and bias.device.type == 'cpu'):
             # A 4-D mask: with a 3-D one the CPU dispatcher falls back to the (much slower) math kernel.
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),  # 1, nH, N, N
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),  # 1, nH, Nq, N
                                                dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B*nW, nH, N, N
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, N, hd
-        x = x.transpose(1, 2).reshape(B, nW, N, C)  # B, nW, N, C
-        return self.proj_drop(self.proj(x))
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B*nW, nH, Nq, N
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, Nq, hd
+        return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C (free after the CPU flash kernel)
+
+    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
+        """Args: x: (B, nW, N, C), msg_only: see ``attend``. Returns: (B, nW, N or 1, C)."""
+        return self.proj_drop(self.proj(self.attend(x, msg_only)))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
@@ -220,12 +333,38 @@ class MSGBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        # CPU float32: GEMMs through oneDNN (bias fused; in eval without autograd also the GELU and the residual
+        # adds). False: the plain modules (for tests, or a CPU without oneDNN's fused linear, where it is off).
+        self.use_onednn = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))  # a fresh tensor: the shuffle may write into it
+    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
+        """Args: x: (B, nW, N, C); msg_only: return the MSG tokens only, (B, nW, 1, C), computing attention
+        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention)."""
+        onednn = self.use_onednn and _onednn_ok(x, self.attn.qkv.weight)
+        res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
+        a = self.attn.attend(self.norm1(x), msg_only, onednn)  # B, nW, Nq, C
+        mlp = self.mlp
+        if onednn and not self.training and not torch.is_grad_enabled() and type(mlp.act) is nn.GELU \
+                and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity):
+            # Inference: no dropout or drop path; bias, GELU and residual adds fused into the GEMMs.
+            x = _linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
+            x = shuffle_msg_(x, self.shuffle_size)
+            return _linear_add(_linear_gelu(self.norm2(x), mlp.fc1), mlp.fc2, x)
+        x = self._residual(res, self.attn.proj_drop(_linear(a, self.attn.proj, onednn)))  # fresh (for the shuffle)
         x = shuffle_msg_(x, self.shuffle_size)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        h = mlp.norm(mlp.drop1(mlp.act(_linear(self.norm2(x), mlp.fc1, onednn))))  # timm Mlp, step by step
+        return self._residual(x, mlp.drop2(_linear(h, mlp.fc2, onednn)))
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + drop_path(branch), a fresh tensor; timm's DropPath (same random draws) fused into one addcmul."""
+        dp = self.drop_path
+        if not isinstance(dp, DropPath) or not self.training or dp.drop_prob == 0.:
+            return x + dp(branch)
+        keep = 1. - dp.drop_prob
+        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)  # B, 1, 1, 1
+        if keep > 0. and dp.scale_by_keep:
+            mask.div_(keep)
+        return torch.addcmul(x, branch, mask)
 
 
 class PatchMerging(nn.Module):
@@ -251,9 +390,9 @@ class PatchMerging(nn.Module):
         ws, gs, next_gs = self.window_size, self.shuffle_size, self.next_shuffle_size
         patches = self._reduce(window_reverse(x[:, :, 1:], ws, H, W, gs))  # B, H/2, W/2, 2C
         msgs = self._reduce(window_reverse(x[:, :, :1], 1, H // ws, W // ws, gs))  # B, H/2ws, W/2ws, 2C
-        patches = window_partition(patches, ws, next_gs)  # B, nW/4, ws*ws, 2C
-        msgs = window_partition(msgs, 1, next_gs)  # B, nW/4, 1, 2C
-        return torch.cat((msgs, patches), dim=2)  # B, nW/4, N, 2C
+        B, h, w, C2 = msgs.shape
+        msgs = msgs.view(B, h // next_gs, next_gs, w // next_gs, next_gs, C2)  # grouped MSG map
+        return window_tokens(patches, msgs, ws, next_gs)  # B, nW/4, N, 2C
 
 
 class MSGStage(nn.Module):
@@ -293,13 +432,16 @@ class MSGStage(nn.Module):
         self.downsample = None if next_shuffle_size is None else PatchMerging(
             dim, window_size, shuffle_size, next_shuffle_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, nW, N, C). Returns: (B, nW, N, C)."""
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
+        """Args: x: (B, nW, N, C); msg_only: the last block returns the MSG tokens only.
+        Returns: (B, nW, N, C), or (B, nW, 1, C) with msg_only."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            kwargs = {'msg_only': True} if msg_only and i == last else {}
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
-                x = block(x)
+                x = block(x, **kwargs)
         return x
 
 
@@ -466,18 +608,18 @@ class MSGTransformer(nn.Module):
         B, H, W, C = x.shape
         if self.ape:
             x = x + self.absolute_pos_embed.view(1, H, W, C)  # B, H, W, C
-        x = window_partition(self.pos_drop(x), self.window_size, self.shuffle_size[0])  # B, nW, ws*ws, C
-        nW, G = x.shape[1], self.msg_tokens.shape[1]
-        msgs = self.msg_tokens.view(1, 1, G, 1, C).expand(B, nW // G, G, 1, C)  # B, nG, G, 1, C (all groups alike)
-        x = torch.cat((msgs.reshape(B, nW, 1, C), x), dim=2)  # B, nW, N, C
-        return x, (H, W)
+        gs = self.shuffle_size[0]
+        msgs = self.msg_tokens.view(1, 1, gs, 1, gs, C)  # one group's MSG map, the same for all groups
+        return window_tokens(self.pos_drop(x), msgs, self.window_size, gs), (H, W)  # B, nW, N, C
 
     def _forward_stages(self, x: torch.Tensor, keep_maps: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Args: x: NCHW image. Returns: last-stage tokens (B, nW, N, C) and, if keep_maps, NCHW stage maps."""
+        """Args: x: NCHW image. Returns: last-stage tokens and, if keep_maps, NCHW stage maps. Without keep_maps
+        only the MSG tokens of the last stage are computed in its last block: (B, nW, 1, C), else (B, nW, N, C)."""
         x, (H, W) = self._embed(x)
         maps = []
-        for stage in self.layers:
-            x = stage(x)
+        msg_only = not keep_maps and not _in_dispatch_mode()  # only the MSG tokens of the last block are read
+        for i, stage in enumerate(self.layers):
+            x = stage(x, msg_only=msg_only and i == len(self.layers) - 1)
             if keep_maps:
                 patches = window_reverse(x[:, :, 1:], self.window_size, H, W, stage.group_size)  # B, H, W, C
                 maps.append(patches.permute(0, 3, 1, 2).contiguous())  # B, C, H, W

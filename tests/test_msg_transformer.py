@@ -12,7 +12,7 @@ from fill import fill_
 from models.build import build_model
 from models.cost import model_cost
 from models.layers import relative_position_index, window_partition, window_reverse
-from models.msg_transformer import MSGBlock, MSGTransformer, shuffle_msg_
+from models.msg_transformer import MSGBlock, MSGTransformer, shuffle_msg_, window_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -261,7 +261,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     x = torch.randn(2, 3, 64, 64)
     calls = []
     block_forward = MSGBlock.forward
-    monkeypatch.setattr(MSGBlock, 'forward', lambda self, t: calls.append(1) or block_forward(self, t))
+    monkeypatch.setattr(MSGBlock, 'forward', lambda self, t, **kw: calls.append(1) or block_forward(self, t, **kw))
     num_blocks = sum(TINY['depths'])
     ref = grads(model, x, seed=5)
     assert len(calls) == num_blocks
@@ -342,3 +342,86 @@ def test_relative_position_index_matches_swin():
     from timm.models.swin_transformer import get_relative_position_index
     for ws in (2, 7):
         assert relative_position_index(ws).equal(get_relative_position_index(ws, ws))
+
+
+# ----------------------------------------------------------------------------- CPU fast paths
+
+def set_onednn(model: torch.nn.Module, enable: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, MSGBlock):
+            m.use_onednn = enable
+
+
+@pytest.mark.parametrize('fused', (True, False), ids=('fused', 'plain'))
+def test_onednn_inference_path_matches_plain_modules(fused):
+    # Eval without autograd: bias, GELU and residual adds fused into oneDNN GEMMs; same function as the modules.
+    torch.manual_seed(0)
+    model = MSGTransformer(**TINY, fused_attn=fused).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast = model.forward_features(x), model(x), model.forward_intermediates(x)
+        set_onednn(model, False)
+        plain = model.forward_features(x), model(x), model.forward_intermediates(x)
+    for a, b in zip(fast[:2] + tuple(fast[2]), plain[:2] + tuple(plain[2])):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_msg_only_last_block_matches_the_full_block_in_training():
+    # forward / forward_features compute only the MSG rows of the last block; compare with the full block
+    # (what forward_intermediates runs), outputs and gradients, with drop path (same draws; dropout would draw
+    # masks for fewer rows, so other masks).
+    torch.manual_seed(0)
+    model = MSGTransformer(**TINY, drop_path_rate=0.2).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def full(t):
+        tokens, _ = model._forward_stages(t, keep_maps=True)  # B, nW, N, C
+        return model.head(model.norm(tokens[:, :, 0]).mean(1))
+
+    out = {}
+    for name, fn in (('msg_only', model), ('full', full)):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        y = fn(x)
+        y.logsumexp(-1).sum().backward()
+        out[name] = y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(out['msg_only'][0], out['full'][0], rtol=1e-5, atol=1e-6)
+    assert sorted(out['msg_only'][1]) == sorted(out['full'][1])  # every parameter still gets a gradient
+    for n, g in out['full'][1].items():
+        torch.testing.assert_close(out['msg_only'][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_onednn_training_path_matches_plain_modules():
+    # Training: GEMMs through oneDNN with F.linear's backward; same outputs and gradients as nn.Linear.
+    torch.manual_seed(0)
+    model = MSGTransformer(**TINY, drop_rate=0.1, drop_path_rate=0.2).train()
+    x = torch.randn(2, 3, 64, 64)
+    g_fast = grads(model, x, seed=3)
+    set_onednn(model, False)
+    g_plain = grads(model, x, seed=3)
+    assert sorted(g_fast) == sorted(g_plain)
+    for n in g_plain:
+        torch.testing.assert_close(g_fast[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('group_size', (1, 2))
+def test_window_tokens_is_partition_then_cat(group_size):
+    ws, H, W, C = 2, 8, 12, 3
+    patches = torch.randn(2, H, W, C, requires_grad=True)
+    msg_map = torch.randn(2, H // ws, W // ws, C, requires_grad=True)
+    gs = group_size
+    grouped = msg_map.view(2, H // (ws * gs), gs, W // (ws * gs), gs, C)
+    got = window_tokens(patches, grouped, ws, gs)
+    ref = torch.cat((window_partition(msg_map, 1, gs), window_partition(patches, ws, gs)), dim=2)
+    assert got.equal(ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, (patches, msg_map), g), torch.autograd.grad(ref, (patches, msg_map), g)):
+        assert a.equal(b)
+    # A broadcast MSG map (the first stage: every group starts from the same learned tokens).
+    tokens = torch.randn(1, gs * gs, 1, C, requires_grad=True)
+    nW = H * W // ws ** 2
+    got = window_tokens(patches, tokens.view(1, 1, gs, 1, gs, C), ws, gs)
+    ref = torch.cat((tokens.expand(2, nW // gs ** 2, gs * gs, 1, C).reshape(2, nW, 1, C),
+                     window_partition(patches, ws, gs)), dim=2)
+    assert got.equal(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, tokens, g)[0], torch.autograd.grad(ref, tokens, g)[0])
