@@ -2,7 +2,8 @@
 
     python benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml \
         --timm swin_tiny_patch4_window7_224 [--batch-size 8] [--threads 2] [--compile] [--channels-last] \
-        [--amp-dtype bfloat16] [--device cuda] [--json out.json]
+        [--amp-dtype bfloat16] [--device cuda] [--json out.json] \
+        [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
 
 Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
 warm-up, synchronised on CUDA. Inference runs in eval mode under ``torch.inference_mode``; the training step is
@@ -22,9 +23,35 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _official_model(cfg, root: str):
+    """The official implementation of ``cfg``'s model, imported from a checkout at ``root`` (not part of this
+    repository: clone hustvl/MSG-Transformer or shuaiyang11/MG-SSAF yourself)."""
+    import importlib.util
+    if cfg.MODEL.TYPE == 'msg':
+        path, factory = os.path.join(root, 'models', 'msg_transformer.py'), 'MSGTransformer'
+        m = cfg.MODEL.MSG
+        kwargs = dict(img_size=cfg.DATA.IMG_SIZE, patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, num_classes=cfg.MODEL.NUM_CLASSES,
+                      embed_dim=m.EMBED_DIM, depths=list(m.DEPTHS), num_heads=list(m.NUM_HEADS), window_size=m.WINDOW_SIZE,
+                      mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, qk_scale=m.QK_SCALE, drop_path_rate=0.0, ape=m.APE,
+                      patch_norm=m.PATCH_NORM, shuffle_size=list(m.SHUF_SIZE), manip_type=m.MANIP_TYPE)
+    else:
+        variant = cfg.MODEL.NAME.split('-')[-1]          # MG-SSAF-T / -S / -B: one official file each
+        path, factory, kwargs = os.path.join(root, 'models', f'MS-SSAF-{variant}.py'), 'MGSSAF', {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official model file not found: '{path}'")
+    spec = importlib.util.spec_from_file_location(f'official_{os.path.basename(path)[:-3].replace("-", "_")}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, factory)(**kwargs)
+
+
 def _build(spec: dict, img_size: Optional[int]):
     import torch  # noqa: F401
     import models  # noqa: F401  (registers ours with timm too)
+    if spec['kind'] == 'official':
+        from config import load_config_file
+        cfg = load_config_file(spec['name'], ['DATA.IMG_SIZE', str(img_size)] if img_size else [])
+        return _official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)'
     if spec['kind'] == 'cfg':
         from config import load_config_file
         from models import build_model
@@ -139,6 +166,19 @@ def format_table(rows: list[dict], args: dict) -> str:
     return '\n'.join(lines)
 
 
+def _print_ratios(rows: list[dict]) -> None:
+    """ours / official for every model measured both ways."""
+    by_name = {r['model']: r for r in rows if 'error' not in r}
+    for name, off in by_name.items():
+        if not name.endswith(' (official)') or name[:-len(' (official)')] not in by_name:
+            continue
+        ours = by_name[name[:-len(' (official)')]]
+        print(f"{ours['model']}: x{ours['infer_img_s'] / off['infer_img_s']:.2f} inference, "
+              f"x{off['latency_ms'] / ours['latency_ms']:.2f} latency, "
+              f"x{off['train_step_s'] / ours['train_step_s']:.2f} train step, "
+              f"peak memory {ours['peak_mem_mb']:.0f} vs {off['peak_mem_mb']:.0f} MB (ours vs official)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='benchmark backbones (inference, latency, training step)')
     parser.add_argument('--cfg', nargs='*', default=[], help='YAML configs of our models')
@@ -152,6 +192,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None, help='autocast dtype')
     parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
+    parser.add_argument('--official-msg', default='', metavar='DIR',
+                        help='also time the official MSG-Transformer of each msg --cfg, from a checkout of '
+                             'hustvl/MSG-Transformer at DIR (for side-by-side ratios)')
+    parser.add_argument('--official-mgssaf', default='', metavar='DIR',
+                        help='likewise for MG-SSAF, from a checkout of shuaiyang11/MG-SSAF')
     ns = parser.parse_args(argv)
     if not ns.cfg and not ns.timm:
         parser.error('name at least one --cfg or --timm model')
@@ -160,12 +205,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"config file not found: '{path}'")
     args = {k: getattr(ns, k) for k in ('batch_size', 'img_size', 'threads', 'device', 'compile', 'channels_last',
                                         'amp_dtype', 'min_time')}
-    specs = [{'kind': 'cfg', 'name': p} for p in ns.cfg] + [{'kind': 'timm', 'name': n} for n in ns.timm]
+    specs = []
+    for path in ns.cfg:
+        specs.append({'kind': 'cfg', 'name': path})
+        from config import load_config_file
+        root = ns.official_msg if load_config_file(path).MODEL.TYPE == 'msg' else ns.official_mgssaf
+        if root:
+            specs.append({'kind': 'official', 'name': path, 'root': root})
+    specs += [{'kind': 'timm', 'name': n} for n in ns.timm]
     rows = []
     for spec in specs:
         rows.append(run_isolated(spec, args))
         print(f"measured {rows[-1]['model']}", file=sys.stderr, flush=True)
     print(format_table(rows, args))
+    _print_ratios(rows)
     if ns.json:
         with open(ns.json, 'w') as f:
             json.dump({'settings': args, 'results': rows}, f, indent=1)

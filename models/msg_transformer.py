@@ -133,9 +133,11 @@ except ImportError:  # pragma: no cover
 
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU float32 without autocast (which F.linear would follow) and outside dispatch modes."""
+    """CPU float32 without autocast (which F.linear would follow), outside dispatch modes, and eager only:
+    under ``torch.compile`` inductor fuses the epilogues itself (and cannot lower this op on live weights)."""
     return (_DNNL_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and not _in_dispatch_mode())
+            and not torch.is_autocast_enabled('cpu') and not _in_dispatch_mode()
+            and not torch.compiler.is_compiling())
 
 
 class _OneDNNLinear(torch.autograd.Function):

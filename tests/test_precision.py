@@ -35,3 +35,14 @@ def test_bf16_autocast_forward_and_backward(cfg, fused):
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_torch_compile_matches_eager():
+    """--compile: inductor must lower the model (MSG's oneDNN fast path steps aside) and compute the same."""
+    torch.manual_seed(0)
+    model = build_model(load_config_file(os.path.join(ROOT, CONFIGS[0]))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        out = torch.compile(model)(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -258,3 +258,36 @@ def test_a_dying_rank_does_not_hang_the_other(tmp_path, digits_dir):
     assert proc.returncode != 0 and time.time() - t0 < 60
     time.sleep(1)
     assert subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True).returncode != 0  # no survivors
+
+
+def _nan_on_one_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(_Toy())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = get_default_config()
+    merge_opts(cfg, ['PRINT_FREQ', '1000'])
+    g = torch.Generator().manual_seed(rank)
+    loader = [(torch.randn(2, 4, generator=g), torch.tensor([0, 1]), torch.tensor([0, 0])) for _ in range(5)]
+
+    class Sched:
+        def step_update(self, t):
+            pass
+    criterion = _NaNOn({3}) if rank == 1 else nn.functional.cross_entropy   # only rank 1 diverges, at update 3
+    stats = train_one_epoch(config=cfg, model=model, criterion=criterion, loader=loader, optimizer=opt,
+                            scheduler=Sched(), scaler=torch.amp.GradScaler('cpu', enabled=False),
+                            precision=Precision('cpu', False, torch.bfloat16), device=torch.device('cpu'),
+                            state=TrainState())
+    torch.save({'stats': stats, 'params': [p.detach() for p in model.parameters()]}, os.path.join(out, f'{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_nonfinite_on_one_rank_skips_the_update_on_all(tmp_path):
+    import torch.multiprocessing as tmp_mp
+    tmp_mp.spawn(_nan_on_one_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'{r}.pt', weights_only=True) for r in (0, 1))
+    assert r0['stats']['nonfinite_steps'] == r1['stats']['nonfinite_steps'] == 1    # both skipped update 3
+    assert all(torch.equal(a, b) for a, b in zip(r0['params'], r1['params']))      # and stayed identical
+    assert all(torch.isfinite(p).all() for p in r0['params'])
