@@ -240,6 +240,29 @@ def test_every_parameter_gets_a_gradient() -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('kernel_size', [3, 7])
+def test_depthwise_conv_fast_backward_matches_native(dtype, kernel_size) -> None:
+    """ConvMlp's hidden depthwise conv has its own backward: same output and gradients as nn.Conv2d's."""
+    from models.mg_ssaf import _depthwise_conv_nhwc
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 12, kernel_size, padding=kernel_size // 2, groups=12).to(dtype)
+    x = torch.randn(3, 10, 6, 12, dtype=dtype)  # B, H, W, C (H != W, map smaller than the kernel's reach)
+    g = torch.randn(3, 10, 6, 12, dtype=dtype)
+    outs, grads = [], []
+    for fast in (False, True):
+        conv.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = _depthwise_conv_nhwc(xi, conv) if fast else conv(xi.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y.backward(g)
+        outs.append(y)
+        grads.append((xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    tol = 1e-6 if dtype == torch.float32 else 1e-13  # relative (norm) error: only the summation order differs
+    assert _rel(outs[1], outs[0]) < tol
+    for fast, native in zip(grads[1], grads[0]):
+        assert _rel(fast, native) < tol
+
+
 def test_grad_checkpointing_same_gradients(monkeypatch) -> None:
     torch.manual_seed(0)
     ref = MGSSAF(**TINY, drop_path_rate=0.).train()
