@@ -145,7 +145,14 @@ def run_isolated(spec: dict, args: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(spec, args, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting while the child lives
+            if not proc.is_alive():
+                result = {'model': spec['name'], 'error': f'the measuring process died (exit code {proc.exitcode})'}
+                break
     proc.join()
     return result
 

@@ -237,7 +237,7 @@ def merge_opts(config: CN, opts: list[str]) -> None:
             node = node[p]
         old = node[leaf]
         try:
-            new = ast.literal_eval(value)
+            new = value if isinstance(old, str) else ast.literal_eval(value)  # a string key takes the text as is
         except (ValueError, SyntaxError):
             new = value
         if old is not None and new is not None and not isinstance(new, type(old)):

@@ -293,6 +293,11 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def find_resume_checkpoint(output_dir: str, logger: logging.Logger) -> Optional[tuple[str, dict]]:
     """Newest checkpoint in ``output_dir`` that reads back whole (``last.pth`` or ``ckpt_epoch_*.pth``), with its
     contents; a corrupt newest file is skipped with a warning and the previous one taken."""
+    for stale in glob.glob(os.path.join(output_dir, '*.pth.tmp.*')):  # left by a process killed while saving
+        try:
+            os.remove(stale)
+        except FileNotFoundError:
+            pass
     candidates = list_checkpoints(output_dir)
     last = os.path.join(output_dir, 'last.pth')
     if os.path.isfile(last):

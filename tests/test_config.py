@@ -49,6 +49,8 @@ def test_opts_types_and_errors():
     merge_opts(cfg, ['TRAIN.EPOCHS', '5', 'TRAIN.BASE_LR', '1', 'MODEL.MSG.DEPTHS', '[1, 1, 2, 1]', 'TAG', 'x'])
     assert cfg.TRAIN.EPOCHS == 5 and cfg.TRAIN.BASE_LR == 1.0 and isinstance(cfg.TRAIN.BASE_LR, float)
     assert list(cfg.MODEL.MSG.DEPTHS) == [1, 1, 2, 1] and cfg.TAG == 'x'
+    merge_opts(cfg, ['TAG', '2024'])
+    assert cfg.TAG == '2024'                                          # string keys take the text as is
     with pytest.raises(ConfigError, match="did you mean 'TRAIN.EPOCHS'"):
         merge_opts(cfg, ['TRAIN.EPOCH', '5'])
     with pytest.raises(ConfigError, match='expected int'):
