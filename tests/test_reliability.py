@@ -192,19 +192,29 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
+def _train_args(out, digits_dir, epochs):
+    """A 2-process CPU run slow enough to interrupt: batch 4 (25 steps per epoch), a log line per step."""
+    return ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(out), '--batch-size', '4',
+            '--opts', 'TRAIN.EPOCHS', str(epochs), 'PRINT_FREQ', '1', *FAST]
+
+
+def _workers(proc):
+    """PIDs of torchrun's worker processes (each runs in its own session)."""
+    return [int(p) for p in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()]
+
+
 def _read_log(run_dir):
     path = os.path.join(run_dir, 'log_rank0.txt')
     return open(path).read() if os.path.exists(path) else ''
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes(tmp_path, digits_dir):
-    args = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path), '--batch-size', '4',
-            '--opts', 'TRAIN.EPOCHS', '2', 'PRINT_FREQ', '1', *FAST]
+    args = _train_args(tmp_path, digits_dir, epochs=2)
     run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
     proc = _torchrun(args)
     _wait_for(lambda: 'Train: [0/2][5/' in _read_log(run_dir), proc)
-    for pid in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split():
-        os.kill(int(pid), signal.SIGTERM)                    # what a scheduler sends to every task
+    for pid in _workers(proc):
+        os.kill(pid, signal.SIGTERM)                         # what a scheduler sends to every task
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
     ckpt = torch.load(os.path.join(run_dir, 'last.pth'), weights_only=True)
@@ -221,8 +231,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes(tmp_path, digits_dir):
 
 def test_kill9_then_rerun_finishes_with_identical_weights(tmp_path, digits_dir):
     def args(out):
-        return ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(out), '--batch-size', '4',
-                '--opts', 'TRAIN.EPOCHS', '2', 'PRINT_FREQ', '1', *FAST]
+        return _train_args(out, digits_dir, epochs=2)
     ref = _torchrun(args(tmp_path / 'ref'))
     assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
 
@@ -230,8 +239,8 @@ def test_kill9_then_rerun_finishes_with_identical_weights(tmp_path, digits_dir):
     proc = _torchrun(args(tmp_path / 'cut'))
     _wait_for(lambda: 'Train: [1/2][3/' in _read_log(run_dir), proc)
     # The whole job, launcher and workers (torchrun gives each worker its own session), as a scheduler kills it.
-    for pid in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
+    for pid in _workers(proc):
+        os.kill(pid, signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert sorted(p for p in os.listdir(run_dir) if p.endswith('.pth')) == ['best.pth', 'ckpt_epoch_0.pth']
@@ -246,18 +255,15 @@ def test_kill9_then_rerun_finishes_with_identical_weights(tmp_path, digits_dir):
 
 
 def test_a_dying_rank_does_not_hang_the_other(tmp_path, digits_dir):
-    args = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path), '--batch-size', '4',
-            '--opts', 'TRAIN.EPOCHS', '50', 'PRINT_FREQ', '1', *FAST]
     run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
-    proc = _torchrun(args)
+    proc = _torchrun(_train_args(tmp_path, digits_dir, epochs=50))
     _wait_for(lambda: 'Train: [0/50][3/' in _read_log(run_dir), proc)
-    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    os.kill(_workers(proc)[-1], signal.SIGKILL)
     t0 = time.time()
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 60
     time.sleep(1)
-    assert subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True).returncode != 0  # no survivors
+    assert not _workers(proc)                                  # no survivors
 
 
 def _nan_on_one_rank(rank: int, world: int, port: int, out: str) -> None:
