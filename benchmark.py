@@ -7,7 +7,8 @@
 
 Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
 warm-up, synchronised on CUDA. Inference runs in eval mode under ``torch.inference_mode``; the training step is
-forward + cross-entropy + backward + AdamW step in train mode. Peak memory is the CUDA allocator's peak on GPU
+forward + cross-entropy + backward + AdamW step in train mode (for our models, the optimiser main.py builds:
+fused AdamW; for the official models and timm's, ``torch.optim.AdamW`` as their training scripts build it). Peak memory is the CUDA allocator's peak on GPU
 and the process's peak resident set size (RSS) on CPU. Weights are random: speed does not depend on them.
 """
 from __future__ import annotations
@@ -51,18 +52,18 @@ def _build(spec: dict, img_size: Optional[int]):
     if spec['kind'] == 'official':
         from config import load_config_file
         cfg = load_config_file(spec['name'], ['DATA.IMG_SIZE', str(img_size)] if img_size else [])
-        return _official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)'
+        return _official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)', None
     if spec['kind'] == 'cfg':
         from config import load_config_file
         from models import build_model
         opts = ['MODEL.DROP_PATH_RATE', '0.0'] + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
         cfg = load_config_file(spec['name'], opts)
-        return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME
+        return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME, cfg
     import timm
     kwargs = {'img_size': img_size} if img_size else {}
     model = timm.create_model(spec['name'], pretrained=False, **kwargs)
     size = img_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
-    return model, size, spec['name']
+    return model, size, spec['name'], None
 
 
 def _median_seconds(fn, sync, min_run_time: float) -> float:
@@ -83,7 +84,7 @@ def measure(spec: dict, args: dict) -> dict:
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
     device = torch.device(args['device'])
-    model, size, name = _build(spec, args['img_size'])
+    model, size, name, cfg = _build(spec, args['img_size'])
     model.to(device)
     fmt = torch.channels_last if args['channels_last'] else torch.contiguous_format
     model.to(memory_format=fmt)
@@ -109,7 +110,11 @@ def measure(spec: dict, args: dict) -> dict:
         t_lat = _median_seconds(infer1, sync, args['min_time'])
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if cfg is not None:  # ours: this codebase's optimiser (fused AdamW, decay groups), as main.py trains
+        from optimizer import build_optimizer
+        opt = build_optimizer(cfg, model, 1e-4)
+    else:  # the official repositories' (and timm's default) AdamW
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     target = torch.randint(0, 10, (b,), device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if device.type == 'cuda':

@@ -51,6 +51,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import register_model
 
 from .build import register_model_type
+from .layers import linear, linear_add, linear_gelu, onednn_ok
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
            'valid_img_sizes_multiple']
@@ -304,9 +305,16 @@ class MultiGranularityAttention(nn.Module):
             out = self.attn_drop(attn) @ k  # B, nH_g, H*W, d
         return out.transpose(1, 2).reshape(B, H, W, -1)  # B, H, W, nH_g*d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
-        qk = self.proj_qk(x)  # B, H, W, 2C
+    def attend(self, x: torch.Tensor, onednn: bool = False) -> torch.Tensor:
+        """Everything but ``proj`` (so that ``MGSSAFBlock`` can fuse it with the residual add).
+
+        Args:
+            x: (B, H, W, C) normed tokens.
+            onednn: ``proj_qk`` through oneDNN (see ``layers.linear``).
+        Returns:
+            (B, H, W, C), the GELU of the concatenated head outputs.
+        """
+        qk = linear(x, self.proj_qk, onednn)  # B, H, W, 2C
         local_dim, group_dim = 2 * self.local_heads * self.head_dim, 2 * self.group_heads * self.head_dim
         # One split (its backward is one cat; slicing would zero-fill a full-size gradient per slice).
         local, window, strip_h, strip_v = qk.split([local_dim] + [group_dim] * NUM_GLOBAL_GROUPS, dim=-1)
@@ -317,8 +325,11 @@ class MultiGranularityAttention(nn.Module):
             outs += [self._pooled_window(window),
                      self._pooled_strips(strip_h, horizontal=True),
                      self._pooled_strips(strip_v, horizontal=False)]
-        x = F.gelu(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0])  # B, H, W, C
-        return self.proj_drop(self.proj(x))
+        return F.gelu(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0])  # B, H, W, C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
+        return self.proj_drop(self.proj(self.attend(x)))
 
 
 class ConvMlp(nn.Module):
@@ -334,12 +345,23 @@ class ConvMlp(nn.Module):
         self.pwconv2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
+    def forward(self, x: torch.Tensor, onednn: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """
+        Args:
+            x: (B, H, W, C)
+            onednn: the pointwise convs through oneDNN (see ``layers.linear``).
+            residual: (B, H, W, C), only with ``onednn`` and without autograd (eval): return ``residual + mlp(x)``
+                with the GELU and the add fused into the GEMMs.
+        Returns:
+            (B, H, W, C)
+        """
         x = _conv_nhwc(self.norm(x), self.dwconv)
-        x = F.gelu(self.pwconv1(x))
+        if residual is not None:
+            x = _depthwise_conv_nhwc(linear_gelu(x, self.pwconv1), self.hidden_dwconv)
+            return linear_add(x, self.pwconv2, residual)
+        x = F.gelu(linear(x, self.pwconv1, onednn))
         x = _depthwise_conv_nhwc(x, self.hidden_dwconv)  # 7x7: its weight gradient dominates the backward
-        return self.drop(self.pwconv2(x))
+        return self.drop(linear(x, self.pwconv2, onednn))
 
 
 class MGSSAFBlock(nn.Module):
@@ -374,11 +396,19 @@ class MGSSAFBlock(nn.Module):
         )
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # CPU float32: 1x1 convs through oneDNN (bias fused; in eval without autograd also the MLP's GELU and the
+        # residual adds). False: the plain modules (for tests).
+        self.use_onednn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(x))
+        onednn = self.use_onednn and onednn_ok(x, self.attn.proj.weight)
+        a = self.attn.attend(self.norm1(x), onednn)
+        if onednn and not self.training and not torch.is_grad_enabled():  # eval: no dropout or drop path
+            x = linear_add(a, self.attn.proj, x)
+            return self.mlp(x, onednn, residual=x)
+        x = x + self.drop_path(self.attn.proj_drop(linear(a, self.attn.proj, onednn)))
+        return x + self.drop_path(self.mlp(x, onednn))
 
 
 class PatchMerging(nn.Module):
@@ -392,13 +422,16 @@ class PatchMerging(nn.Module):
         self.pwconv1 = nn.Linear(dim, out_dim)
         self.pwconv2 = nn.Linear(out_dim, out_dim)
         self.shortcut = nn.Linear(dim, out_dim)
+        self.use_onednn = True  # as in MGSSAFBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H/2, W/2, 2C)."""
-        shortcut = _avg_pool_nhwc(x, (MERGE_STRIDE, MERGE_STRIDE))  # B, H/2, W/2, C
-        x = _conv_nhwc(self.norm(x), self.dwconv)
-        x = self.pwconv2(F.gelu(self.pwconv1(x)))
-        return x + self.shortcut(self.norm(shortcut))
+        onednn = self.use_onednn and onednn_ok(x, self.pwconv1.weight)
+        shortcut = linear(self.norm(_avg_pool_nhwc(x, (MERGE_STRIDE, MERGE_STRIDE))), self.shortcut, onednn)
+        x = _conv_nhwc(self.norm(x), self.dwconv)  # B, H/2, W/2, C
+        if onednn and not torch.is_grad_enabled():  # GELU and the add fused into the GEMMs
+            return linear_add(linear_gelu(x, self.pwconv1), self.pwconv2, shortcut)
+        return linear(F.gelu(linear(x, self.pwconv1, onednn)), self.pwconv2, onednn) + shortcut
 
 
 class MGSSAFStage(nn.Module):

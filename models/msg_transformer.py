@@ -83,7 +83,8 @@ from timm.models import register_model
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import DropPath, Mlp, relative_position_index, to_2tuple, trunc_normal_, window_reverse
+from .layers import (DropPath, Mlp, gelu_mlp, in_dispatch_mode, linear, linear_add, linear_gelu, onednn_ok,
+                     relative_position_index, to_2tuple, trunc_normal_, window_reverse)
 
 __all__ = ['MSGTransformer', 'build_msg']
 
@@ -114,69 +115,6 @@ def shuffle_msg_(x: torch.Tensor, group_size: int) -> torch.Tensor:
     msg = x[:, :, 0].reshape(B, nW // G, G, G, C // G)  # B, nG, G (window), G (chunk), C/G
     x[:, :, 0] = msg.transpose(2, 3).reshape(B, nW, C)  # B, nW, C (a copy: the transpose is not viewable)
     return x
-
-
-# GEMMs through oneDNN with the bias fused (and, without autograd, an exact-erf GELU or a residual add): the
-# same function as F.linear (+ F.gelu / + residual) with other rounding, faster than addmm on CPU (which first
-# copies the bias into the output). CPU float32 only; the backward below is F.linear's.
-_DNNL_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
-
-
-try:
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
-except ImportError:  # pragma: no cover
-    def _in_dispatch_mode() -> bool:
-        return False
-# Under a ``TorchDispatchMode`` (FLOP counter, fake tensors, ...) the model runs its plain, full path: the
-# official ops and MACs (``models.cost`` counts the architecture); the oneDNN ops and the MSG-only last block
-# are implementation shortcuts such modes need not know.
-
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU float32 without autocast (which F.linear would follow), outside dispatch modes, and eager only:
-    under ``torch.compile`` inductor fuses the epilogues itself (and cannot lower this op on live weights)."""
-    return (_DNNL_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and not _in_dispatch_mode()
-            and not torch.compiler.is_compiling())
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """F.linear with a oneDNN forward; the backward is F.linear's (two GEMMs and a sum), saving the same."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])  # M, out
-        gx = grad.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        gw = grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-
-def _linear(x: torch.Tensor, fc: nn.Linear, onednn: bool) -> torch.Tensor:
-    """fc(x); through oneDNN when ``onednn`` (see ``MSGBlock.use_onednn``)."""
-    if not onednn:
-        return fc(x)
-    if torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad
-                                    or (fc.bias is not None and fc.bias.requires_grad)):
-        return _OneDNNLinear.apply(x, fc.weight, fc.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'none', [], '')
-
-
-def _linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
-    """Exact (erf) GELU of fc(x), fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'gelu', [], 'none')
-
-
-def _linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + fc(x), a fresh tensor, the add fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, 'add')
 
 
 def window_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int, group_size: int) -> torch.Tensor:
@@ -284,7 +222,7 @@ class MessengerAttention(nn.Module):
             (B, nW, Nq, C) with Nq = 1 if msg_only else N.
         """
         B, nW, N, C = x.shape
-        qkv = _linear(x, self.qkv, onednn).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
+        qkv = linear(x, self.qkv, onednn).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, nH, N, hd
         bias = self.attn_bias()  # nH, N, N
         if msg_only:  # the MSG query row; the full bias keeps every bias parameter in the graph (zero gradient)
@@ -342,20 +280,23 @@ class MSGBlock(nn.Module):
     def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
         """Args: x: (B, nW, N, C); msg_only: return the MSG tokens only, (B, nW, 1, C), computing attention
         outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention)."""
-        onednn = self.use_onednn and _onednn_ok(x, self.attn.qkv.weight)
+        onednn = self.use_onednn and onednn_ok(x, self.attn.qkv.weight)
         res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
         a = self.attn.attend(self.norm1(x), msg_only, onednn)  # B, nW, Nq, C
         mlp = self.mlp
-        if onednn and not self.training and not torch.is_grad_enabled() and type(mlp.act) is nn.GELU \
-                and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity):
+        plain_mlp = (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity)
+                     and (not self.training or mlp.drop1.p == mlp.drop2.p == 0.))  # fc1 -> exact GELU -> fc2
+        if onednn and plain_mlp and not self.training and not torch.is_grad_enabled():
             # Inference: no dropout or drop path; bias, GELU and residual adds fused into the GEMMs.
-            x = _linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
+            x = linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
             x = shuffle_msg_(x, self.shuffle_size)
-            return _linear_add(_linear_gelu(self.norm2(x), mlp.fc1), mlp.fc2, x)
-        x = self._residual(res, self.attn.proj_drop(_linear(a, self.attn.proj, onednn)))  # fresh (for the shuffle)
+            return linear_add(linear_gelu(self.norm2(x), mlp.fc1), mlp.fc2, x)
+        x = self._residual(res, self.attn.proj_drop(linear(a, self.attn.proj, onednn)))  # fresh (for the shuffle)
         x = shuffle_msg_(x, self.shuffle_size)
-        h = mlp.norm(mlp.drop1(mlp.act(_linear(self.norm2(x), mlp.fc1, onednn))))  # timm Mlp, step by step
-        return self._residual(x, mlp.drop2(_linear(h, mlp.fc2, onednn)))
+        if onednn and plain_mlp:
+            return self._residual(x, gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2))
+        h = mlp.norm(mlp.drop1(mlp.act(linear(self.norm2(x), mlp.fc1, onednn))))  # timm Mlp, step by step
+        return self._residual(x, mlp.drop2(linear(h, mlp.fc2, onednn)))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """x + drop_path(branch), a fresh tensor; timm's DropPath (same random draws) fused into one addcmul."""
@@ -619,7 +560,7 @@ class MSGTransformer(nn.Module):
         only the MSG tokens of the last stage are computed in its last block: (B, nW, 1, C), else (B, nW, N, C)."""
         x, (H, W) = self._embed(x)
         maps = []
-        msg_only = not keep_maps and not _in_dispatch_mode()  # only the MSG tokens of the last block are read
+        msg_only = not keep_maps and not in_dispatch_mode()  # only the MSG tokens of the last block are read
         for i, stage in enumerate(self.layers):
             x = stage(x, msg_only=msg_only and i == len(self.layers) - 1)
             if keep_maps:

@@ -240,6 +240,35 @@ def test_every_parameter_gets_a_gradient() -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def _set_onednn(net: MGSSAF, enable: bool) -> None:
+    for m in net.modules():
+        if hasattr(m, 'use_onednn'):
+            m.use_onednn = enable
+
+
+def test_onednn_paths_match_plain_modules() -> None:
+    """CPU float32: 1x1 convs through oneDNN (in eval also GELU and residual adds fused): same outputs and
+    gradients as the plain modules."""
+    torch.manual_seed(0)
+    net = MGSSAF(**TINY, drop_path_rate=0.2)
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for enable in (True, False):
+        _set_onednn(net, enable)
+        with torch.inference_mode():
+            feats = net.eval()(x), *net.forward_intermediates(x)
+        net.train().zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        net(x).logsumexp(-1).sum().backward()
+        results.append((feats, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (fast_out, fast_grads), (plain_out, plain_grads) = results
+    for a, b in zip(fast_out, plain_out):
+        assert _rel(a, b) < 1e-6
+    assert sorted(fast_grads) == sorted(plain_grads)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('kernel_size', [3, 7])
 def test_depthwise_conv_fast_backward_matches_native(dtype, kernel_size) -> None:

@@ -391,10 +391,12 @@ def test_msg_only_last_block_matches_the_full_block_in_training():
         torch.testing.assert_close(out['msg_only'][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_onednn_training_path_matches_plain_modules():
-    # Training: GEMMs through oneDNN with F.linear's backward; same outputs and gradients as nn.Linear.
+@pytest.mark.parametrize('drop_rate', (0.0, 0.1), ids=('fused-mlp', 'dropout'))
+def test_onednn_training_path_matches_plain_modules(drop_rate):
+    # Training: GEMMs through oneDNN with F.linear's backward, and without dropout the MLP as one function that
+    # recomputes its GELU in the backward; same outputs and gradients as the modules.
     torch.manual_seed(0)
-    model = MSGTransformer(**TINY, drop_rate=0.1, drop_path_rate=0.2).train()
+    model = MSGTransformer(**TINY, drop_rate=drop_rate, drop_path_rate=0.2).train()
     x = torch.randn(2, 3, 64, 64)
     g_fast = grads(model, x, seed=3)
     set_onednn(model, False)
@@ -402,6 +404,15 @@ def test_onednn_training_path_matches_plain_modules():
     assert sorted(g_fast) == sorted(g_plain)
     for n in g_plain:
         torch.testing.assert_close(g_fast[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_mlp_refuses_a_second_backward():
+    # Its backward reuses the saved buffers: a retain_graph second pass must fail loudly, not return garbage.
+    model = MSGTransformer(**TINY).train()
+    loss = model(torch.randn(1, 3, 64, 64)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='second backward'):
+        loss.backward()
 
 
 @pytest.mark.parametrize('group_size', (1, 2))

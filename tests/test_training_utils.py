@@ -57,6 +57,25 @@ def test_param_groups_skip_norms_biases_and_model_names():
     assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
 
 
+def test_adamw_is_fused_and_steps_like_the_reference():
+    """The fused AdamW (one kernel per step) takes the same steps as PyTorch's reference loop, decay groups included."""
+    torch.manual_seed(0)
+    model, ref_model = Toy(), Toy()
+    ref_model.load_state_dict(model.state_dict())
+    cfg = _cfg('TRAIN.WEIGHT_DECAY', '0.05')
+    opt = build_optimizer(cfg, model, lr=1e-2)
+    assert opt.defaults['fused']
+    ref = torch.optim.AdamW(param_groups(ref_model, 0.05), lr=1e-2, fused=False, foreach=False)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize('accum,batches,expected', [(1, 10, 10), (3, 10, 4), (5, 10, 2)])
 def test_updates_per_epoch(accum, batches, expected):
     assert updates_per_epoch(batches, accum) == expected
