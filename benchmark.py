@@ -6,7 +6,8 @@
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
 
 Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
-warm-up, synchronised on CUDA. Inference runs in eval mode under ``torch.inference_mode``; the training step is
+warm-up, synchronised on CUDA; ``--rounds N`` repeats the whole list N times round-robin and reports each
+model's median (for side-by-side ratios on a shared, noisy machine). Inference runs in eval mode under ``torch.inference_mode``; the training step is
 forward + cross-entropy + backward + AdamW step in train mode (for our models, the optimiser main.py builds:
 fused AdamW; for the official models and timm's, ``torch.optim.AdamW`` as their training scripts build it). Peak memory is the CUDA allocator's peak on GPU
 and the process's peak resident set size (RSS) on CPU. Weights are random: speed does not depend on them.
@@ -18,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 from typing import Optional
 
@@ -162,6 +164,18 @@ def run_isolated(spec: dict, args: dict) -> dict:
     return result
 
 
+def _median_row(results: list[dict]) -> dict:
+    """One row from the rounds of one model: the median of each timing, the largest peak memory."""
+    ok = [r for r in results if 'error' not in r]
+    if not ok:
+        return results[0]
+    row = dict(ok[0], rounds=len(ok))
+    for key in ('infer_img_s', 'latency_ms', 'train_step_s', 'train_img_s'):
+        row[key] = statistics.median(r[key] for r in ok)
+    row['peak_mem_mb'] = max(r['peak_mem_mb'] for r in ok)
+    return row
+
+
 def format_table(rows: list[dict], args: dict) -> str:
     head = (f"{'model':34s} {'size':>4s} {'params':>7s} {'infer img/s':>11s} {'latency ms':>10s} "
             f"{'train step s':>12s} {'train img/s':>11s} {'peak MB':>8s}")
@@ -203,6 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None, help='autocast dtype')
     parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='measure every model this many times, round-robin, and report medians')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     parser.add_argument('--official-msg', default='', metavar='DIR',
                         help='also time the official MSG-Transformer of each msg --cfg, from a checkout of '
@@ -225,10 +241,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if root:
             specs.append({'kind': 'official', 'name': path, 'root': root})
     specs += [{'kind': 'timm', 'name': n} for n in ns.timm]
-    rows = []
-    for spec in specs:
-        rows.append(run_isolated(spec, args))
-        print(f"measured {rows[-1]['model']}", file=sys.stderr, flush=True)
+    runs = [[] for _ in specs]
+    for r in range(ns.rounds):  # round-robin: a slow spell of a shared machine hits every model alike
+        for spec, results in zip(specs, runs):
+            results.append(run_isolated(spec, args))
+            print(f"round {r + 1}/{ns.rounds}: measured {results[-1]['model']}", file=sys.stderr, flush=True)
+    rows = [_median_row(results) for results in runs]
     print(format_table(rows, args))
     _print_ratios(rows)
     if ns.json:
