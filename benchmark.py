@@ -69,6 +69,7 @@ def _build(spec: dict, img_size: Optional[int]):
 
 
 def _median_seconds(fn, sync, min_run_time: float) -> float:
+    import torch
     import torch.utils.benchmark as tb
     for _ in range(2):  # warm-up (and compilation)
         fn()
@@ -77,7 +78,9 @@ def _median_seconds(fn, sync, min_run_time: float) -> float:
     def step():
         fn()
         sync()
-    return tb.Timer(stmt='step()', globals={'step': step}).blocked_autorange(min_run_time=min_run_time).median
+    # num_threads: Timer runs its statement with ONE thread unless told otherwise.
+    timer = tb.Timer(stmt='step()', globals={'step': step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def measure(spec: dict, args: dict) -> dict:
@@ -92,7 +95,12 @@ def measure(spec: dict, args: dict) -> dict:
     model.to(memory_format=fmt)
     amp_dtype = getattr(torch, args['amp_dtype']) if args['amp_dtype'] else None
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    run_model = torch.compile(model) if args['compile'] else model
+    if args['compile']:
+        import logging
+        from utils import compile_model
+        run_model = compile_model(model, logging.getLogger('benchmark'))
+    else:
+        run_model = model
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     b = args['batch_size']
     x = torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt)

@@ -32,9 +32,10 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, updates_per_epoch
 from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from utils import (CHECKPOINT_VERSION, CheckpointError, all_reduce_sum, barrier, current_rss_mb, get_world_size, extract_state_dict, find_resume_checkpoint, get_rank, init_distributed,
-                   is_dist, load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints,
-                   resolve_device, save_checkpoint, seed_everything, unwrap_model)
+from utils import (CHECKPOINT_VERSION, CheckpointError, all_reduce_sum, barrier, compile_model, current_rss_mb,
+                   extract_state_dict, find_resume_checkpoint, get_rank, get_world_size, init_distributed, is_dist,
+                   load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints, resolve_device,
+                   save_checkpoint, seed_everything, unwrap_model)
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 EPOCH_SEED_STRIDE = 1000  # seeds of consecutive epochs differ by this, of ranks by 1
@@ -107,17 +108,7 @@ class StopRequest:
 
 
 def _maybe_compile(model: nn.Module, enabled: bool, logger) -> nn.Module:
-    if not enabled:
-        return model
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly instead
-    try:
-        compiled = torch.compile(model)
-    except Exception as e:  # noqa: BLE001 - any compile set-up failure falls back to eager
-        logger.warning(f'torch.compile unavailable ({type(e).__name__}: {e}); running eagerly')
-        return model
-    logger.info('torch.compile enabled (graphs that fail to compile fall back to eager)')
-    return compiled
+    return compile_model(model, logger) if enabled else model
 
 
 def _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema, state: TrainState) -> dict:

@@ -324,3 +324,33 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             os.remove(p)
         except FileNotFoundError:
             pass
+
+
+_compile_warned = False
+
+
+def compile_model(model: torch.nn.Module, logger: logging.Logger) -> torch.nn.Module:
+    """``torch.compile(model)`` with inductor, never fatal: a graph inductor cannot compile (no C++ compiler, an
+    unsupported op, ...) runs eagerly, with one warning per process; dynamo's own failures likewise run eagerly."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+
+    def backend(gm, example_inputs):
+        global _compile_warned
+        from torch._inductor.compile_fx import compile_fx
+        try:
+            return compile_fx(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: this graph runs eagerly
+            if not _compile_warned:
+                _compile_warned = True
+                logger.warning(f'torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                               f'running those graphs eagerly')
+            return gm.forward
+
+    try:
+        compiled = torch.compile(model, backend=backend)
+    except Exception as e:  # noqa: BLE001 - compile set-up failure (e.g. an unsupported Python): eager
+        logger.warning(f'torch.compile unavailable ({type(e).__name__}: {e}); running eagerly')
+        return model
+    logger.info('torch.compile enabled (graphs that fail to compile run eagerly)')
+    return compiled

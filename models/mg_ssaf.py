@@ -32,6 +32,8 @@ ws window size, nW windows per image, N = ws*ws tokens per window):
 Layout: the public entry points take NCHW images; everything after the stem runs channels-last (NHWC), so
 1x1 convs are ``nn.Linear`` and LayerNorm is ``F.layer_norm`` over the last dim. Depthwise convs run on a
 channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
+On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
+autograd also the MLP's GELU and the residual adds (``use_onednn = False`` on blocks and merges: plain modules).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of

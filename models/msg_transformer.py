@@ -59,8 +59,10 @@ Speed (exact shortcuts, same function)
   runs it in full. With ``drop_rate > 0`` that block's dropout draws masks for fewer rows (other masks).
 * On CPU in float32 the GEMMs go through oneDNN with the bias fused (``torch.ops.mkldnn._linear_pointwise``;
   in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
-  and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs. ``MSGBlock.use_onednn = False``
-  restores the plain modules. Drop path and its residual add are one ``addcmul`` (timm's random draws).
+  and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs; in training without dropout the MLP
+  is one autograd function (``layers.gelu_mlp``) that saves no GELU output and recomputes it in the backward
+  (12% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
+  path and its residual add are one ``addcmul`` (timm's random draws).
 * Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
 
 Weight decay

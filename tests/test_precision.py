@@ -46,3 +46,39 @@ def test_torch_compile_matches_eager():
         ref = model(x)
         out = torch.compile(model)(x)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_compile_failure_runs_eagerly(monkeypatch, caplog):
+    """A model inductor cannot compile (here: a compiler that always fails) trains and evaluates eagerly, with
+    one warning."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    import utils
+    calls = []
+
+    def failing_compile_fx(gm, example_inputs, **kwargs):
+        calls.append(1)
+        raise RuntimeError('no C++ compiler on this machine')
+
+    monkeypatch.setattr(torch._inductor.compile_fx, 'compile_fx', failing_compile_fx)
+    monkeypatch.setattr(torch._dynamo.config, 'suppress_errors', False)  # restored afterwards
+    monkeypatch.setattr(utils, '_compile_warned', False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(load_config_file(os.path.join(ROOT, CONFIGS[0])))
+    x = torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger='test'):
+        compiled = utils.compile_model(model, logging.getLogger('test'))
+        model.eval()
+        with torch.no_grad():
+            out, ref = compiled(x), model(x)
+        model.train()
+        compiled(x).sum().backward()
+    torch._dynamo.reset()
+    assert calls and ((out - ref).norm() / ref.norm()).item() < 1e-5
+    assert all(p.grad is not None for p in model.parameters())
+    warnings = [r for r in caplog.records if r.name == 'test' and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and 'no C++ compiler' in warnings[0].getMessage()
