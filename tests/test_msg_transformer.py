@@ -255,9 +255,10 @@ def test_fused_and_plain_attention_agree_in_training():
         torch.testing.assert_close(g_fused[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize('drop_rate', (0.0, 0.1), ids=('fused-mlp', 'dropout'))
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, drop_rate):
     torch.manual_seed(0)
-    model = MSGTransformer(**TINY, drop_rate=0.1, drop_path_rate=0.2).train()
+    model = MSGTransformer(**TINY, drop_rate=drop_rate, drop_path_rate=0.2).train()
     x = torch.randn(2, 3, 64, 64)
     calls = []
     block_forward = MSGBlock.forward
