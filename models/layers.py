@@ -149,9 +149,9 @@ class _GeluMlp(torch.autograd.Function):
     The usual autograd graph also keeps ``gelu(fc1(x))`` for ``fc2``'s weight gradient and allocates two
     hidden-size gradients in the backward. Here the backward recomputes the GELU (cheap, bit-identical) into one
     buffer, which then takes the gradient of ``fc2``'s input; the GELU gradient overwrites the saved
-    pre-activation. Same gradients as the plain modules, about a third less activation memory per MLP, and no
-    fresh hidden-size allocations in the backward. Its buffers are consumed: a second backward through the same
-    graph (``retain_graph=True``) is an error.
+    pre-activation. Same gradients as the plain modules; per token it keeps C + 4C values instead of C + 4C + 4C
+    (a 4x MLP) and allocates one hidden-size buffer in the backward instead of two. Its buffers are consumed: a
+    second backward through the same graph (``retain_graph=True``) is an error.
     """
 
     @staticmethod

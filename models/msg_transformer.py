@@ -61,7 +61,7 @@ Speed (exact shortcuts, same function)
   in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
   and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs; in training without dropout the MLP
   is one autograd function (``layers.gelu_mlp``) that saves no GELU output and recomputes it in the backward
-  (12% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
+  (~10% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
   path and its residual add are one ``addcmul`` (timm's random draws).
 * Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
 
