@@ -187,9 +187,11 @@ class _GeluMlp(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2
 
 
-def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """``fc2(gelu(fc1(x)))`` through oneDNN (only where ``onednn_ok``); with autograd the memory-saving
-    ``_GeluMlp``, without it the GELU fused into the first GEMM."""
+def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` (``+ residual`` if given) through oneDNN, only where ``onednn_ok``. With autograd the
+    memory-saving ``_GeluMlp``; without it the GELU and the residual add fused into the GEMMs."""
     if torch.is_grad_enabled():
-        return _GeluMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    return linear(linear_gelu(x, fc1), fc2, True)
+        y = _GeluMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return y if residual is None else residual + y
+    h = linear_gelu(x, fc1)
+    return linear(h, fc2, True) if residual is None else linear_add(h, fc2, residual)

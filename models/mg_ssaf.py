@@ -33,7 +33,8 @@ Layout: the public entry points take NCHW images; everything after the stem runs
 1x1 convs are ``nn.Linear`` and LayerNorm is ``F.layer_norm`` over the last dim. Depthwise convs run on a
 channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
 On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
-autograd also the MLP's GELU and the residual adds (``use_onednn = False`` on blocks and merges: plain modules).
+autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
+(``use_onednn = False`` on blocks and merges: plain modules).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
@@ -53,7 +54,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import register_model
 
 from .build import register_model_type
-from .layers import linear, linear_add, linear_gelu, onednn_ok
+from .layers import gelu_mlp, linear, linear_add, linear_gelu, onednn_ok
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
            'valid_img_sizes_multiple']
@@ -431,9 +432,9 @@ class PatchMerging(nn.Module):
         onednn = self.use_onednn and onednn_ok(x, self.pwconv1.weight)
         shortcut = linear(self.norm(_avg_pool_nhwc(x, (MERGE_STRIDE, MERGE_STRIDE))), self.shortcut, onednn)
         x = _conv_nhwc(self.norm(x), self.dwconv)  # B, H/2, W/2, C
-        if onednn and not torch.is_grad_enabled():  # GELU and the add fused into the GEMMs
-            return linear_add(linear_gelu(x, self.pwconv1), self.pwconv2, shortcut)
-        return linear(F.gelu(linear(x, self.pwconv1, onednn)), self.pwconv2, onednn) + shortcut
+        if onednn:
+            return gelu_mlp(x, self.pwconv1, self.pwconv2, residual=shortcut)
+        return self.pwconv2(F.gelu(self.pwconv1(x))) + shortcut
 
 
 class MGSSAFStage(nn.Module):

@@ -85,7 +85,7 @@ from timm.models import register_model
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import (DropPath, Mlp, gelu_mlp, in_dispatch_mode, linear, linear_add, linear_gelu, onednn_ok,
+from .layers import (DropPath, Mlp, gelu_mlp, in_dispatch_mode, linear, linear_add, onednn_ok,
                      relative_position_index, to_2tuple, trunc_normal_, window_reverse)
 
 __all__ = ['MSGTransformer', 'build_msg']
@@ -292,7 +292,7 @@ class MSGBlock(nn.Module):
             # Inference: no dropout or drop path; bias, GELU and residual adds fused into the GEMMs.
             x = linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
             x = shuffle_msg_(x, self.shuffle_size)
-            return linear_add(linear_gelu(self.norm2(x), mlp.fc1), mlp.fc2, x)
+            return gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2, residual=x)
         x = self._residual(res, self.attn.proj_drop(linear(a, self.attn.proj, onednn)))  # fresh (for the shuffle)
         x = shuffle_msg_(x, self.shuffle_size)
         if onednn and plain_mlp:
