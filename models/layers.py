@@ -18,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode', 'linear',
-           'gelu_mlp', 'linear_gelu', 'linear_add', 'release_packed_weights', 'channels_last_weight_',
+           'gelu_mlp', 'linear_gelu', 'linear_add', 'channels_last_weight_',
            'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
 
 
@@ -133,33 +132,6 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-# Inference: oneDNN GEMMs are ~7% faster (MSG-T, batch 8) on a weight it has reordered into its blocked layout
-# once than on the plain weight it would reorder at every call. The blocked copies of modules in eval mode live
-# here (outside the modules: they cannot be deep-copied or pickled), keyed by the weight and remade when its
-# storage or version changes (in-place updates, load_state_dict, optimiser steps). They cost a second copy of
-# the linear weights; ``release_packed_weights`` (called by the models' ``train()`` / ``eval()``) drops them.
-_PACKED = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), blocked copy)
-
-
-def _dnnl_weight(fc: nn.Linear) -> torch.Tensor:
-    """``fc``'s weight for a oneDNN GEMM without autograd: the blocked copy in eval mode, else the weight."""
-    w = fc.weight
-    if fc.training or w.is_inference():  # an inference tensor has no version to key on
-        return w
-    key = (w.data_ptr(), w._version)
-    hit = _PACKED.get(w)
-    if hit is None or hit[0] != key:
-        hit = _PACKED[w] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
-    return hit[1]
-
-
-def release_packed_weights(module: nn.Module) -> None:
-    """Drop the blocked weight copies of ``module``'s linears (remade at the next eval-mode call). Weights changed
-    through ``.data`` (which bumps no version) are only seen after this, ``model.eval()`` or ``model.train()``."""
-    for p in module.parameters():
-        _PACKED.pop(p, None)
-
-
 def linear(x: torch.Tensor, fc: nn.Linear, onednn: bool) -> torch.Tensor:
     """fc(x); through oneDNN when ``onednn`` (``onednn_ok`` says when it may)."""
     if not onednn:
@@ -167,17 +139,17 @@ def linear(x: torch.Tensor, fc: nn.Linear, onednn: bool) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad
                                     or (fc.bias is not None and fc.bias.requires_grad)):
         return _OneDNNLinear.apply(x, fc.weight, fc.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, _dnnl_weight(fc), fc.bias, 'none', [], '')
+    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'none', [], '')
 
 
 def linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     """Exact (erf) GELU of fc(x), fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _dnnl_weight(fc), fc.bias, 'gelu', [], 'none')
+    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'gelu', [], 'none')
 
 
 def linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """residual + fc(x), a fresh tensor, the add fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _dnnl_weight(fc), fc.bias, 'add')
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, 'add')
 
 
 class _GeluMlp(torch.autograd.Function):

@@ -34,9 +34,8 @@ Layout: the public entry points take NCHW images; everything after the stem runs
 channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
 On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
 autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
-(``use_onednn = False`` on blocks and merges: plain modules). In eval mode the GEMMs read blocked weight
-copies that oneDNN makes once (``layers._dnnl_weight``), and the stem's last conv, which reads a channels-last
-view, keeps a channels-last weight.
+(``use_onednn = False`` on blocks and merges: plain modules). The stem's last conv, which reads a channels-last
+view, keeps a channels-last weight (no weight reorder per call).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
@@ -56,8 +55,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import register_model
 
 from .build import register_model_type
-from .layers import (channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok,
-                     release_packed_weights)
+from .layers import (channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok)
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
            'valid_img_sizes_multiple']
@@ -617,11 +615,6 @@ class MGSSAF(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return set()
-
-    def train(self, mode: bool = True) -> 'nn.Module':
-        """Also drops the inference copies of the linear weights (``layers.release_packed_weights``)."""
-        release_packed_weights(self)
-        return super().train(mode)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

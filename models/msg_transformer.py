@@ -61,9 +61,7 @@ Speed (exact shortcuts, same function)
   in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
   and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs; in training without dropout the MLP
   is one autograd function (``layers.gelu_mlp``) that saves no GELU output and recomputes it in the backward
-  (~10% less peak training memory for T). In eval mode the GEMMs read blocked copies of the weights that oneDNN
-  makes once (``layers._dnnl_weight``; ~7% faster inference at batch 8, one more copy of the linear weights in
-  memory until ``train()``). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
+  (~10% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
   path and its residual add are one ``addcmul`` (timm's random draws).
 * The downsample convs, which read channels-last views, keep channels-last weights (no reorder per call).
 * Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
@@ -89,7 +87,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
 from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, in_dispatch_mode, linear, linear_add,
-                     onednn_ok, relative_position_index, release_packed_weights, to_2tuple, trunc_normal_,
+                     onednn_ok, relative_position_index, to_2tuple, trunc_normal_,
                      window_reverse)
 
 __all__ = ['MSGTransformer', 'build_msg']
@@ -527,11 +525,6 @@ class MSGTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
         return {'relative_position_bias_table', 'rel_pos_msg'}
-
-    def train(self, mode: bool = True) -> 'nn.Module':
-        """Also drops the inference copies of the linear weights (``layers.release_packed_weights``)."""
-        release_packed_weights(self)
-        return super().train(mode)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -367,50 +367,6 @@ def test_onednn_inference_path_matches_plain_modules(fused):
         assert rel_err(a, b) <= 1e-6
 
 
-def test_packed_inference_weights_follow_every_weight_change():
-    # In eval mode the oneDNN GEMMs use blocked copies of the linear weights; every way of changing a weight
-    # must reach the output: in-place updates, optimiser steps, load_state_dict, .data writes + eval().
-    import copy
-    import pickle
-    from models import layers
-    torch.manual_seed(0)
-    model = MSGTransformer(**TINY).eval()
-    ref = copy.deepcopy(model)
-    set_onednn(ref, False)
-    x = torch.randn(2, 3, 64, 64)
-
-    def check():
-        with torch.inference_mode():
-            assert rel_err(model(x), ref(x)) <= 1e-6
-
-    check()
-    fc1 = model.layers[0].blocks[0].mlp.fc1
-    assert fc1.weight in layers._PACKED  # the copies exist in eval mode ...
-    pickle.loads(pickle.dumps(copy.deepcopy(model)))  # ... and stay out of copies and pickles (timm's EMA)
-    with torch.no_grad():
-        for m in (model, ref):
-            m.layers[0].blocks[0].mlp.fc1.weight.mul_(1.5)
-    check()
-    for m in (model, ref):
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        m.train()
-        torch.manual_seed(1)  # same drop-path draws
-        m(x).square().mean().backward()
-        opt.step()
-        m.eval()
-    check()
-    other = MSGTransformer(**TINY).state_dict()
-    model.load_state_dict(other)
-    ref.load_state_dict(other)
-    check()
-    for m in (model, ref):
-        m.layers[2].blocks[1].attn.qkv.weight.data.add_(0.25)  # .data bumps no version: eval() re-packs
-        m.eval()
-    check()
-    model.train()
-    assert not any(p in layers._PACKED for p in model.parameters())  # training drops them
-
-
 def test_channels_last_conv_weights_keep_the_state_dict():
     # The downsample convs see channels-last inputs and store channels-last weights: same keys, shapes and
     # values in state_dicts, and the layout survives loading a contiguous state_dict.
