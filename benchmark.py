@@ -172,13 +172,18 @@ def run_isolated(spec: dict, args: dict) -> dict:
     return result
 
 
+TIMINGS = ('infer_img_s', 'latency_ms', 'train_step_s', 'train_img_s')
+
+
 def _median_row(results: list[dict]) -> dict:
     """One row from the rounds of one model: the median of each timing, the largest peak memory."""
     ok = [r for r in results if 'error' not in r]
     if not ok:
         return results[0]
     row = dict(ok[0], rounds=len(ok))
-    for key in ('infer_img_s', 'latency_ms', 'train_step_s', 'train_img_s'):
+    if len(results) > 1:  # every round's figures (JSON), for the spread of side-by-side ratios
+        row['per_round'] = {key: [r.get(key) for r in results] for key in TIMINGS}
+    for key in TIMINGS:
         row[key] = statistics.median(r[key] for r in ok)
     row['peak_mem_mb'] = max(r['peak_mem_mb'] for r in ok)
     return row
@@ -207,9 +212,18 @@ def _print_ratios(rows: list[dict]) -> None:
         if not name.endswith(' (official)') or name[:-len(' (official)')] not in by_name:
             continue
         ours = by_name[name[:-len(' (official)')]]
-        print(f"{ours['model']}: x{ours['infer_img_s'] / off['infer_img_s']:.2f} inference, "
-              f"x{off['latency_ms'] / ours['latency_ms']:.2f} latency, "
-              f"x{off['train_step_s'] / ours['train_step_s']:.2f} train step, "
+
+        def ratio(key: str, faster_is_larger: bool, label: str) -> str:
+            a, b = (ours, off) if faster_is_larger else (off, ours)
+            text = f"x{a[key] / b[key]:.2f} {label}"
+            pairs = [(x, y) for x, y in zip(a.get('per_round', {}).get(key, []), b.get('per_round', {}).get(key, []))
+                     if x is not None and y is not None]
+            if len(pairs) > 1:  # the same round measured both back to back
+                per_round = [x / y for x, y in pairs]
+                text += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
+            return text
+        print(f"{ours['model']}: {ratio('infer_img_s', True, 'inference')}, {ratio('latency_ms', False, 'latency')}, "
+              f"{ratio('train_step_s', False, 'train step')}, "
               f"peak memory {ours['peak_mem_mb']:.0f} vs {off['peak_mem_mb']:.0f} MB (ours vs official)")
 
 

@@ -27,3 +27,15 @@ def test_median_row_takes_medians_and_the_largest_peak():
                'peak_mem_mb': 100 * v} for v in (3.0, 1.0, 2.0)]
     row = benchmark._median_row(rounds + [{'model': 'm', 'error': 'boom'}])
     assert row['infer_img_s'] == 2.0 and row['train_step_s'] == 2.0 and row['peak_mem_mb'] == 300 and row['rounds'] == 3
+
+
+def test_ratios_report_the_spread_over_rounds(capsys):
+    def rounds(name, infer, step):
+        return [{'model': name, 'infer_img_s': i, 'latency_ms': 10.0, 'train_step_s': s, 'train_img_s': 8 / s,
+                 'peak_mem_mb': 100.0} for i, s in zip(infer, step)]
+    ours = benchmark._median_row(rounds('m', (12.0, 15.0, 13.0), (1.0, 1.0, 1.0)))
+    off = benchmark._median_row(rounds('m (official)', (10.0, 10.0, 10.0), (1.2, 1.5, 1.3)))
+    benchmark._print_ratios([ours, off])
+    line = capsys.readouterr().out
+    assert line.startswith('m: x1.30 inference (1.20-1.50 by round), x1.00 latency (1.00-1.00 by round), '
+                           'x1.30 train step (1.20-1.50 by round)'), line
