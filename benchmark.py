@@ -89,6 +89,9 @@ def measure(spec: dict, args: dict) -> dict:
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
     device = torch.device(args['device'])
+    if args.get('keep_freed_memory'):  # as main.py does for CPU runs, for every model measured (ours, official, timm)
+        from utils import keep_freed_memory
+        keep_freed_memory()
     model, size, name, cfg = _build(spec, args['img_size'])
     model.to(device)
     fmt = torch.channels_last if args['channels_last'] else torch.contiguous_format
@@ -194,7 +197,8 @@ def format_table(rows: list[dict], args: dict) -> str:
             f"{'train step s':>12s} {'train img/s':>11s} {'peak MB':>8s}")
     lines = [f"device {args['device']}, {args['threads']} threads, batch {args['batch_size']}, "
              f"{'AMP ' + args['amp_dtype'] if args['amp_dtype'] else 'float32'}"
-             f"{', compiled' if args['compile'] else ''}{', channels-last' if args['channels_last'] else ''}",
+             f"{', compiled' if args['compile'] else ''}{', channels-last' if args['channels_last'] else ''}"
+             f"{', malloc keeps freed memory' if args.get('keep_freed_memory') else ''}",
              head, '-' * len(head)]
     for r in rows:
         if 'error' in r:
@@ -238,6 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None, help='autocast dtype')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help="glibc malloc keeps freed memory (utils.keep_freed_memory, as main.py sets for CPU runs) "
+                             "in every model's process; default: the C library's defaults")
     parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every model this many times, round-robin, and report medians')
@@ -254,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(path):
             parser.error(f"config file not found: '{path}'")
     args = {k: getattr(ns, k) for k in ('batch_size', 'img_size', 'threads', 'device', 'compile', 'channels_last',
-                                        'amp_dtype', 'min_time')}
+                                        'amp_dtype', 'min_time', 'keep_freed_memory')}
     specs = []
     for path in ns.cfg:
         specs.append({'kind': 'cfg', 'name': path})

@@ -34,8 +34,8 @@ from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
 from utils import (CHECKPOINT_VERSION, CheckpointError, all_reduce_sum, barrier, compile_model, current_rss_mb,
                    extract_state_dict, find_resume_checkpoint, get_rank, get_world_size, init_distributed, is_dist,
-                   load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints, resolve_device,
-                   save_checkpoint, seed_everything, unwrap_model)
+                   keep_freed_memory, load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints,
+                   resolve_device, save_checkpoint, seed_everything, unwrap_model)
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 EPOCH_SEED_STRIDE = 1000  # seeds of consecutive epochs differ by this, of ranks by 1
@@ -170,6 +170,8 @@ def _resume(config, ckpt: dict, path: str, model, optimizer, scheduler, scaler, 
 def run(args: argparse.Namespace) -> int:
     config = get_config(args)
     device = resolve_device(config.DEVICE)
+    if device.type == 'cpu':
+        keep_freed_memory()  # no page faults for tensors freed and made again every step (utils.keep_freed_memory)
     rank, world_size = init_distributed(device)
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)

@@ -96,6 +96,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory it frees instead of handing it back to the OS (for CPU runs).
+
+    By default glibc serves large blocks with mmap and trims the heap top, so tensors of the same sizes, freed and
+    allocated again every step, are paged in afresh each time: on this 2-core CPU ~17k minor page faults per MSG-T
+    inference batch and ~36k per MG-SSAF-T batch, 9-21% of their time (the official MG-SSAF: ~220k). Heap only,
+    no trimming below 2 GB free: the process keeps its peak footprint (the peak itself does not change). The
+    same as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment. Forked DataLoader
+    workers inherit it. Returns False where the C library is not glibc (nothing changes there).
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl and macOS have other mallopt semantics)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def current_rss_mb() -> float:
     """Resident memory of this process now (Linux /proc; elsewhere the peak, from getrusage)."""
     try:

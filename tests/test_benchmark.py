@@ -11,7 +11,7 @@ def test_benchmark_rows_and_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     cfgs = [os.path.join(ROOT, 'configs', 'msg_demo.yaml'), os.path.join(ROOT, 'configs', 'MG-SSAF', 'MG-SSAF-demo.yaml')]
     rc = benchmark.main(['--cfg', *cfgs, '--batch-size', '2', '--threads', '1', '--min-time', '0.05',
-                         '--rounds', '2', '--json', str(out)])
+                         '--rounds', '2', '--keep-freed-memory', '--json', str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())['results']
     assert [r['model'] for r in rows] == ['msg_demo', 'MG-SSAF-demo']
@@ -20,6 +20,7 @@ def test_benchmark_rows_and_json(tmp_path, capsys):
         assert r['infer_img_s'] > 0 and r['latency_ms'] > 0 and r['train_step_s'] > 0 and r['peak_mem_mb'] > 0
     table = capsys.readouterr().out
     assert 'msg_demo' in table and 'MG-SSAF-demo' in table and 'train step s' in table
+    assert 'malloc keeps freed memory' in table.splitlines()[0]
 
 
 def test_median_row_takes_medians_and_the_largest_peak():

@@ -223,3 +223,36 @@ def test_auto_resume_skips_corrupt_newest_and_prune(tmp_path):
     assert not (tmp_path / 'ckpt_epoch_5.pth.tmp.1234').exists()
     prune_checkpoints(str(tmp_path), keep=2)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ['ckpt_epoch_3.pth', 'ckpt_epoch_4.pth']
+
+
+_FAULTS_SCRIPT = '''
+import resource, sys, torch, utils
+kept = utils.keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults():
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        a = torch.ones(16 * 2**20)  # 64 MB, freed and allocated again, as activations are every step
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+faults()
+print(kept, faults())
+'''
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
+    # main.py's CPU runs: a block freed and allocated again must not be paged in afresh (glibc; elsewhere a no-op).
+    import subprocess
+    from conftest import PYTHON, subprocess_env
+    out = {}
+    for mode in ('keep', 'default'):
+        res = subprocess.run([PYTHON, '-c', _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             env=subprocess_env(), timeout=120)
+        assert res.returncode == 0, res.stderr
+        kept, faults = res.stdout.split()
+        out[mode] = (kept, int(faults))
+    if out['keep'][0] == 'False':
+        pytest.skip('not glibc: keep_freed_memory changes nothing here')
+    assert out['keep'][0] == 'True'
+    pages = 10 * 64 * 2**20 // os.sysconf('SC_PAGE_SIZE')
+    assert out['default'][1] > pages // 2  # each 64 MB block is mmapped and faulted in again ...
+    assert out['keep'][1] < pages // 20    # ... unless the heap keeps it
