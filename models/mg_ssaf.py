@@ -34,8 +34,9 @@ Layout: the public entry points take NCHW images; everything after the stem runs
 channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
 On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
 autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
-(``use_onednn = False`` on blocks and merges: plain modules). The stem's last conv, which reads a channels-last
-view, keeps a channels-last weight (no weight reorder per call).
+(``use_onednn = False`` on blocks and merges: plain modules). The convs run on channels-last views through
+``_conv_nhwc`` (the stem's last conv, the 3x3 depthwise convs) keep channels-last weights (no weight reorder per
+call, gradients in the weights' own strides).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
@@ -55,7 +56,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import register_model
 
 from .build import register_model_type
-from .layers import (channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok)
+from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
            'valid_img_sizes_multiple']
@@ -342,7 +343,8 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.dwconv = nn.Conv2d(dim, dim, MLP_KERNEL_SIZE, padding=MLP_KERNEL_SIZE // 2, groups=dim)
+        self.dwconv = channels_last_weight_(
+            nn.Conv2d(dim, dim, MLP_KERNEL_SIZE, padding=MLP_KERNEL_SIZE // 2, groups=dim))  # channels-last input
         self.pwconv1 = nn.Linear(dim, hidden_dim)
         self.hidden_dwconv = nn.Conv2d(hidden_dim, hidden_dim, MLP_HIDDEN_KERNEL_SIZE,
                                        padding=MLP_HIDDEN_KERNEL_SIZE // 2, groups=hidden_dim)
@@ -421,8 +423,8 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.dwconv = nn.Conv2d(dim, dim, MERGE_KERNEL_SIZE, stride=MERGE_STRIDE, padding=MERGE_KERNEL_SIZE // 2,
-                                groups=dim)
+        self.dwconv = channels_last_weight_(nn.Conv2d(  # channels-last input
+            dim, dim, MERGE_KERNEL_SIZE, stride=MERGE_STRIDE, padding=MERGE_KERNEL_SIZE // 2, groups=dim))
         self.pwconv1 = nn.Linear(dim, out_dim)
         self.pwconv2 = nn.Linear(out_dim, out_dim)
         self.shortcut = nn.Linear(dim, out_dim)

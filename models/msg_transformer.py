@@ -87,8 +87,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
 from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, in_dispatch_mode, linear, linear_add,
-                     onednn_ok, relative_position_index, to_2tuple, trunc_normal_,
-                     window_reverse)
+                     onednn_ok, relative_position_index, to_2tuple, trunc_normal_, window_reverse)
 
 __all__ = ['MSGTransformer', 'build_msg']
 
@@ -197,10 +196,15 @@ class MessengerAttention(nn.Module):
         index = relative_position_index(window_size)  # ws*ws, ws*ws
         # Persistent only so that official checkpoints (which carry it) load strictly.
         self.register_buffer('relative_position_index', index)
-        # Index of every (query, key) pair of the N tokens into [bias table; patch->MSG; MSG->all].
-        bias_index = F.pad(index, (1, 0, 1, 0), value=num_rel + 1)  # N, N; row 0 = MSG query
-        bias_index[1:, 0] = num_rel  # MSG key of patch queries
-        self.register_buffer('bias_index', bias_index.flatten(), persistent=False)  # N*N
+        # Every (head, query, key) of the N tokens as an index into the flattened parameters
+        # [relative_position_bias_table (num_rel, nH); rel_pos_msg (nH, 2)]. Flat, so that the parameters' gradients
+        # come back in their own layout (a transposed table would hand DDP a gradient of other strides).
+        pair = F.pad(index, (1, 0, 1, 0), value=-1)  # N, N; row 0 = MSG query (-1), column 0 = MSG key (-2)
+        pair[1:, 0] = -2
+        heads = torch.arange(num_heads).view(num_heads, 1, 1)
+        bias_index = torch.where(pair >= 0, pair * num_heads + heads,  # table[offset, h]
+                                 num_rel * num_heads + heads * 2 + (pair == -1).long())  # rel_pos_msg[h, 0 or 1]
+        self.register_buffer('bias_index', bias_index.flatten(), persistent=False)  # nH*N*N
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -210,9 +214,8 @@ class MessengerAttention(nn.Module):
     def attn_bias(self) -> torch.Tensor:
         """Returns: (nH, N, N) additive attention bias."""
         N = self.window_size ** 2 + 1
-        table = torch.cat((self.relative_position_bias_table.t(),
-                           self.rel_pos_msg.view(self.num_heads, 2)), dim=1)  # nH, (2ws-1)^2 + 2
-        return table.index_select(1, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
+        table = torch.cat((self.relative_position_bias_table.reshape(-1), self.rel_pos_msg.reshape(-1)))
+        return table.index_select(0, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
 
     def attend(self, x: torch.Tensor, msg_only: bool = False, onednn: bool = False) -> torch.Tensor:
         """Attention output before ``proj``.

@@ -269,6 +269,14 @@ def test_onednn_paths_match_plain_modules() -> None:
         torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_gradients_have_their_parameters_strides() -> None:
+    """What DDP checks (it warns on any stride difference, size-1 dims included, e.g. depthwise weights)."""
+    net = MGSSAF(**TINY).train()
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    for n, p in net.named_parameters():
+        assert p.grad.stride() == p.stride(), n
+
+
 def test_channels_last_stem_weight_keeps_the_state_dict() -> None:
     """The stem's last conv reads a channels-last view and stores a channels-last weight; loading a contiguous
     state_dict keeps that layout and the values, and the output is the plain modules' output."""

@@ -367,6 +367,15 @@ def test_onednn_inference_path_matches_plain_modules(fused):
         assert rel_err(a, b) <= 1e-6
 
 
+def test_gradients_have_their_parameters_strides():
+    # DDP copies each gradient into a bucket laid out like its parameter and warns ("Grad strides do not match
+    # bucket view strides") when the strides differ, even only on a size-1 dim (TINY has a 1-head stage).
+    model = MSGTransformer(**TINY).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), n
+
+
 def test_channels_last_conv_weights_keep_the_state_dict():
     # The downsample convs see channels-last inputs and store channels-last weights: same keys, shapes and
     # values in state_dicts, and the layout survives loading a contiguous state_dict.
