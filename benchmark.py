@@ -2,15 +2,18 @@
 
     python benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml \
         --timm swin_tiny_patch4_window7_224 [--batch-size 8] [--threads 2] [--compile] [--channels-last] \
-        [--amp-dtype bfloat16] [--device cuda] [--json out.json] \
+        [--amp-dtype bfloat16] [--device cuda] [--json out.json] [--rounds 3] [--keep-freed-memory] \
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
 
 Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
 warm-up, synchronised on CUDA; ``--rounds N`` repeats the whole list N times round-robin and reports each
-model's median (for side-by-side ratios on a shared, noisy machine). Inference runs in eval mode under ``torch.inference_mode``; the training step is
-forward + cross-entropy + backward + AdamW step in train mode (for our models, the optimiser main.py builds:
-fused AdamW; for the official models and timm's, ``torch.optim.AdamW`` as their training scripts build it). Peak memory is the CUDA allocator's peak on GPU
-and the process's peak resident set size (RSS) on CPU. Weights are random: speed does not depend on them.
+model's median, and each side-by-side ratio's spread over the rounds (this machine is shared and noisy).
+``--keep-freed-memory`` applies main.py's CPU allocator setting (``utils.keep_freed_memory``) to every model.
+Inference runs in eval mode under ``torch.inference_mode``; the training step is forward + cross-entropy +
+backward + AdamW step in train mode (for our models, the optimiser main.py builds: fused AdamW; for the official
+models and timm's, ``torch.optim.AdamW`` as their training scripts build it). Peak memory is the CUDA
+allocator's peak on GPU and the process's peak resident set size (RSS) on CPU. Weights are random: speed does
+not depend on them.
 """
 from __future__ import annotations
 
@@ -257,6 +260,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = parser.parse_args(argv)
     if not ns.cfg and not ns.timm:
         parser.error('name at least one --cfg or --timm model')
+    if ns.rounds < 1 or ns.min_time <= 0 or ns.batch_size < 1:
+        parser.error('--rounds and --batch-size must be >= 1 and --min-time > 0')
     for path in ns.cfg:
         if not os.path.isfile(path):
             parser.error(f"config file not found: '{path}'")

@@ -364,8 +364,8 @@ def compile_model(model: torch.nn.Module, logger: logging.Logger) -> torch.nn.Mo
         except Exception as e:  # noqa: BLE001 - any compiler failure: this graph runs eagerly
             if not _compile_warned:
                 _compile_warned = True
-                logger.warning(f'torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-                               f'running those graphs eagerly')
+                first_line = str(e).splitlines()[0] if str(e) else ''
+                logger.warning(f'torch.compile failed ({type(e).__name__}: {first_line}); running those graphs eagerly')
             return gm.forward
 
     try:

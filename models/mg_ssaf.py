@@ -34,9 +34,9 @@ Layout: the public entry points take NCHW images; everything after the stem runs
 channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
 On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
 autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
-(``use_onednn = False`` on blocks and merges: plain modules). The convs run on channels-last views through
-``_conv_nhwc`` (the stem's last conv, the 3x3 depthwise convs) keep channels-last weights (no weight reorder per
-call, gradients in the weights' own strides).
+(``use_onednn = False`` on blocks and merges: plain modules). The convs that ``_conv_nhwc`` runs on channels-last
+views (the stem's last conv, the 3x3 depthwise convs) keep channels-last weights (no weight reorder per call,
+gradients in the weights' own strides).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of

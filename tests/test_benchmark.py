@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -9,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_benchmark_rows_and_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    cfgs = [os.path.join(ROOT, 'configs', 'msg_demo.yaml'), os.path.join(ROOT, 'configs', 'MG-SSAF', 'MG-SSAF-demo.yaml')]
+    cfgs = [os.path.join(ROOT, 'configs', 'msg_demo.yaml'),
+            os.path.join(ROOT, 'configs', 'MG-SSAF', 'MG-SSAF-demo.yaml')]
     rc = benchmark.main(['--cfg', *cfgs, '--batch-size', '2', '--threads', '1', '--min-time', '0.05',
                          '--rounds', '2', '--keep-freed-memory', '--json', str(out)])
     assert rc == 0
@@ -40,3 +43,12 @@ def test_ratios_report_the_spread_over_rounds(capsys):
     line = capsys.readouterr().out
     assert line.startswith('m: x1.30 inference (1.20-1.50 by round), x1.00 latency (1.00-1.00 by round), '
                            'x1.30 train step (1.20-1.50 by round)'), line
+
+
+def test_bad_arguments_are_one_line(capsys):
+    for argv in (['--cfg', 'configs/msg_demo.yaml', '--rounds', '0'], ['--cfg', 'no/such.yaml'], []):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ' error: ' in err[-1] and 'Traceback' not in '\n'.join(err)

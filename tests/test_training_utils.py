@@ -3,6 +3,7 @@ import logging
 import math
 import os
 import pickle
+import subprocess
 
 import pytest
 import torch
@@ -241,7 +242,6 @@ print(kept, faults())
 
 def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
     # main.py's CPU runs: a block freed and allocated again must not be paged in afresh (glibc; elsewhere a no-op).
-    import subprocess
     from conftest import PYTHON, subprocess_env
     out = {}
     for mode in ('keep', 'default'):
