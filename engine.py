@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
 
-from utils import all_reduce_sum, current_rss_mb, get_world_size, unwrap_model
+from distributed import all_reduce_sum, get_world_size
+from utils import current_rss_mb, unwrap_model
 
 
 class TrainingDiverged(RuntimeError):

@@ -32,10 +32,11 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, updates_per_epoch
 from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from utils import (CHECKPOINT_VERSION, CheckpointError, all_reduce_sum, barrier, compile_model, current_rss_mb,
-                   extract_state_dict, find_resume_checkpoint, get_rank, get_world_size, init_distributed, is_dist,
-                   keep_freed_memory, load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints,
-                   resolve_device, save_checkpoint, seed_everything, unwrap_model)
+from checkpoint import (CHECKPOINT_VERSION, CheckpointError, extract_state_dict, find_resume_checkpoint,
+                        load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints, save_checkpoint)
+from distributed import (all_reduce_sum, barrier, get_rank, get_world_size, init_distributed, is_collective_failure,
+                         is_dist, resolve_device)
+from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 EPOCH_SEED_STRIDE = 1000  # seeds of consecutive epochs differ by this, of ranks by 1
@@ -346,11 +347,6 @@ def _one_line(e: BaseException) -> str:
     return ' '.join(text.split())
 
 
-def _is_collective_failure(e: BaseException) -> bool:
-    text = str(e)
-    return is_dist() and (isinstance(e, dist.DistError) or 'gloo' in text.lower() or 'nccl' in text.lower())
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_option(argv)
     prefix = lambda: f'[rank {get_rank()}] ' if is_dist() else ''  # noqa: E731
@@ -365,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f'{prefix()}interrupted', file=sys.stderr, flush=True)
         return 130
     except (RuntimeError, dist.DistError) as e:
-        if args.debug or not _is_collective_failure(e):
+        if args.debug or not is_collective_failure(e):
             raise
         print(f'{prefix()}error: another process of this run failed or was killed (see its log_rank*.txt); '
               f'rerun the command to resume from the last checkpoint', file=sys.stderr, flush=True)

@@ -13,8 +13,8 @@ from yacs.config import CfgNode
 from config import get_default_config, merge_opts
 from lr_scheduler import build_scheduler, updates_per_epoch
 from optimizer import build_optimizer, param_groups, scaled_lrs
-from utils import (CheckpointError, find_resume_checkpoint, load_checkpoint_file, load_model_weights,
-                   load_pretrained, prune_checkpoints, save_checkpoint, list_checkpoints)
+from checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint_file, load_model_weights,
+                        load_pretrained, prune_checkpoints, save_checkpoint, list_checkpoints)
 
 LOG = logging.getLogger('test')
 
