@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: epoch = last completed epoch (official meaning); version 1 stored the next one
 _CKPT_RE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
 
 
@@ -231,3 +231,161 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             os.remove(p)
         except FileNotFoundError:
             pass
+
+
+# -----------------------------------------------------------------------------
+# Training state: save and restore (ours and official training checkpoints)
+# -----------------------------------------------------------------------------
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """The parameter names of each param group of ``optimizer``, in its order (saved with our checkpoints, so the
+    state can be matched by name whatever the grouping of the run that reads it)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group['params']] for group in optimizer.param_groups]
+
+
+def official_optimizer_param_names(model: nn.Module, official_sd: dict[str, torch.Tensor]) -> list[list[Optional[str]]]:
+    """Our names for the parameters of each param group of the official optimizer, in its order.
+
+    The official ``build_optimizer`` makes two groups from ``model.named_parameters()``, [decayed, not decayed],
+    not decaying 1-D tensors, biases, the model's ``no_weight_decay()`` names and its keyword matches. Its parameter
+    order is the order of the checkpoint's weights without the buffers. Parameters we do not have (MG-SSAF's unused
+    attention norms) are ``None``."""
+    converted, dropped = (model.adapt_state_dict(official_sd) if hasattr(model, 'adapt_state_dict')
+                          else (official_sd, []))
+    dropped = set(dropped)
+    ours = dict(zip([k for k in official_sd if k not in dropped], converted))
+    buffers = {name for name, _ in model.named_buffers()}
+    skip = getattr(model, 'official_no_weight_decay', getattr(model, 'no_weight_decay', set))()
+    keywords = getattr(model, 'no_weight_decay_keywords', set)()
+    decay, no_decay = [], []
+    for key, value in official_sd.items():
+        name = ours.get(key)
+        if name in buffers:
+            continue
+        exempt = value.dim() <= 1 or key.endswith('.bias') or key in skip or any(k in key for k in keywords)
+        (no_decay if exempt else decay).append(name)
+    return [decay, no_decay]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict,
+                         saved_names: list[list[Optional[str]]], path: str = '',
+                         logger: Optional[logging.Logger] = None) -> None:
+    """Load ``saved`` (an optimizer ``state_dict``) into ``optimizer``, matching parameters by name.
+
+    Each parameter's moments go to the parameter of the same name whatever group either run put it in, so a change
+    of decay groups (``MODEL.MSG.DECAY_MSG_TOKENS``) or an official file (other grouping, extra parameters, 1x1
+    kernels where we have matrices) still restores every moment. The hyper-parameters stay this run's."""
+    groups = saved.get('param_groups', [])
+    if len(groups) != len(saved_names) or any(len(g['params']) != len(n) for g, n in zip(groups, saved_names)):
+        sizes = [len(g['params']) for g in groups]
+        raise CheckpointError(f"'{path}': its optimizer state has param groups of {sizes} parameters, but the model "
+                              f"gives {[len(n) for n in saved_names]} (another architecture or optimizer?)")
+    by_name = {}
+    for group, names in zip(groups, saved_names):
+        for pid, name in zip(group['params'], names):
+            if name is not None and pid in saved['state']:
+                by_name[name] = saved['state'][pid]
+    params = dict(model.named_parameters())
+    current = optimizer.state_dict()
+    state = {}
+    for group, names in zip(current['param_groups'], optimizer_param_names(optimizer, model)):
+        for pid, name in zip(group['params'], names):
+            moments = by_name.pop(name, None)
+            if moments is None:
+                continue
+            p = params[name]
+            fitted = {}
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    if value.numel() != p.numel():
+                        raise CheckpointError(f"'{path}': optimizer state '{key}' of {name} has shape "
+                                              f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                    value = value.reshape(p.shape)  # e.g. an official 1x1 kernel's moments for our Linear
+                fitted[key] = value
+            state[pid] = fitted
+    optimizer.load_state_dict({'state': state, 'param_groups': current['param_groups']})
+    if logger is not None:
+        total = sum(len(g['params']) for g in current['param_groups'])
+        logger.info(f'resume: optimizer state restored for {len(state)} of {total} parameters'
+                    + (f' ({len(by_name)} in the file are not in this model: {_fmt_keys(sorted(by_name), 3)})'
+                       if by_name else ''))
+
+
+def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                        scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], state,
+                        class_names: Optional[list[str]], world_size: int) -> dict:
+    """Everything a rerun needs to continue exactly, as plain data.
+
+    ``epoch`` is the last completed epoch, as in the official checkpoints (so either code base resumes the other's
+    files at ``epoch + 1``); a checkpoint written mid-epoch also says how many batches of the next epoch each
+    process had done (``step_in_epoch``) and with which batch, process count and accumulation."""
+    return {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'optimizer_param_names': optimizer_param_names(optimizer, model),
+        'lr_scheduler': scheduler.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_ema': model_ema.state_dict() if model_ema is not None else None,
+        'epoch': state.epoch - 1,
+        'step_in_epoch': state.step_in_epoch,
+        'num_updates': state.num_updates,
+        'max_accuracy': state.max_accuracy,
+        'batch_size': config.DATA.BATCH_SIZE,
+        'world_size': world_size,
+        'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS,
+        'class_names': list(class_names) if class_names is not None else None,
+        'config': config.dump(),
+        'version': CHECKPOINT_VERSION,
+    }
+
+
+def restore_training(ckpt: dict, path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], state, batch_size: int,
+                     world_size: int, accumulation: int, updates_per_epoch: int, logger: logging.Logger) -> None:
+    """Continue from a training checkpoint, ours or one written by the official ``save_checkpoint``: weights,
+    optimizer moments (by parameter name), float16 scaler, EMA, best accuracy and the position in training.
+
+    With another batch, process count or accumulation, a run stopped mid-epoch continues at the same place in the
+    epoch's sample order (rounded down to a whole update of the new run, so no sample is skipped); the LR schedule
+    follows that place (epochs completed plus the fraction of the current one), never the update count."""
+    epoch = ckpt.get('epoch')
+    if not isinstance(epoch, int):
+        raise CheckpointError(f"'{path}' is a weights file, not a training checkpoint (no epoch): use it with "
+                              f"--pretrained, or --eval --resume")
+    load_model_weights(model, extract_state_dict(ckpt, path), path, logger)
+    official = 'version' not in ckpt
+    if isinstance(ckpt.get('optimizer'), dict):
+        names = (ckpt.get('optimizer_param_names')
+                 or official_optimizer_param_names(model, extract_state_dict(ckpt, path)))
+        load_optimizer_state(optimizer, model, ckpt['optimizer'], names, path, logger)
+    else:
+        logger.warning(f"resume: '{path}' has no optimizer state; the optimizer starts fresh")
+    if scaler.is_enabled() and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if ckpt.get('amp'):
+        logger.info("resume: the checkpoint's apex AMP state is not used (native torch.amp)")
+    if model_ema is not None:
+        if ckpt.get('model_ema') is not None:
+            model_ema.load_state_dict(ckpt['model_ema'])
+        else:
+            model_ema.set(model)
+            logger.info('resume: the checkpoint has no EMA; the EMA starts from its weights')
+    state.epoch = epoch if ckpt.get('version') == 1 else epoch + 1  # version 1 stored the next epoch
+    state.step_in_epoch = int(ckpt.get('step_in_epoch') or 0)
+    state.max_accuracy = float(ckpt.get('max_accuracy') or 0.0)
+    saved = (ckpt.get('batch_size'), ckpt.get('world_size'), ckpt.get('accumulation_steps') or accumulation)
+    now = (batch_size, world_size, accumulation)
+    if not official and saved != now:
+        logger.info(f'resume: effective batch changed from {saved[0] * saved[1] * saved[2]} ({saved[0]} x {saved[1]} '
+                    f'processes x {saved[2]} accumulation) to {now[0] * now[1] * now[2]} ({now[0]} x {now[1]} x '
+                    f'{now[2]}): the LR schedule is placed by epochs and samples done, not by updates')
+        if state.step_in_epoch:
+            samples = state.step_in_epoch * saved[0] * saved[1]
+            per_update = batch_size * world_size * accumulation
+            state.step_in_epoch = samples // per_update * accumulation
+            logger.info(f'resume: epoch {state.epoch} had {samples} samples done; continuing after '
+                        f'{state.step_in_epoch * batch_size * world_size} of them (a whole update of this run)')
+    state.num_updates = state.epoch * updates_per_epoch + state.step_in_epoch // accumulation
+    where = f'epoch {state.epoch}' + (f' step {state.step_in_epoch}' if state.step_in_epoch else '')
+    kind = 'official-format checkpoint' if official else 'checkpoint'
+    logger.info(f"resume: {kind} '{path}', continuing at {where} (best top-1 so far {state.max_accuracy:.3f})")

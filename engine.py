@@ -12,17 +12,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
 
-from distributed import all_reduce_sum, get_world_size
-from utils import current_rss_mb, unwrap_model
+from distributed import all_reduce_sum, get_rank, get_world_size
+from lr_scheduler import ScheduleClock
+from utils import current_rss_mb, derive_seed, seed_everything, unwrap_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,13 +62,14 @@ def train_one_epoch(
         config,
         model: nn.Module,
         criterion: Callable,
-        loader: torch.utils.data.DataLoader,
+        loader: Iterable,
         optimizer: torch.optim.Optimizer,
         scheduler,
         scaler: torch.amp.GradScaler,
         precision: Precision,
         device: torch.device,
         state: TrainState,
+        clock: Optional[ScheduleClock] = None,
         mixup_fn: Optional[Callable] = None,
         model_ema: Optional[nn.Module] = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -76,16 +77,28 @@ def train_one_epoch(
 ) -> dict:
     """Train from ``state.step_in_epoch`` to the end of ``state.epoch`` (or until a stop is requested).
 
+    ``loader`` yields ``(images, targets, skipped)`` for the batches of the epoch from ``state.step_in_epoch`` on;
+    ``clock`` places the LR schedule and the accumulation groups in the whole epoch (default: ``loader`` is the
+    whole epoch). Only full accumulation groups make updates (as in the official loops). Before every batch the
+    main process's RNGs are reseeded from (seed, rank, epoch, batch), so mixup and drop path draw the same numbers
+    after a resume as in an uninterrupted run. One host-device synchronisation per update (the flags that every
+    rank must agree on); metrics stay on the device until they are printed.
+
     Updates ``state`` in place. Returns ``{'loss', 'lr', 'skipped_images', 'nonfinite_steps', 'stopped',
     'time'}`` where ``loss`` is the mean over every sample seen by every rank.
     """
     model.train()
-    accum = max(1, config.TRAIN.ACCUMULATION_STEPS)
+    accum = config.TRAIN.ACCUMULATION_STEPS
     start = state.step_in_epoch
-    n_batches = start + len(loader)             # batches in the whole epoch for this process
+    if clock is None:
+        clock = ScheduleClock(start + len(loader), accum, config.TRAIN.LR_SCHEDULER.T_IN_BATCHES)
+    n_batches = clock.batches_per_epoch
     clip = config.TRAIN.CLIP_GRAD or float('inf')
-    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of samples
+    rank = get_rank()
+    batch_time = AverageMeter()
+    # On the device: [sum of loss x samples, samples] over the epoch, and the latest / summed finite grad norms.
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    shown = torch.zeros(4, dtype=torch.float64, device=device)  # loss of the last update, grad norm, its sum, count
     skipped_images, nonfinite_steps, stopped = 0, 0, False
     group_nonfinite = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
@@ -93,15 +106,16 @@ def train_one_epoch(
 
     for i, (samples, targets, skipped) in enumerate(loader):
         idx = start + i
+        if idx >= clock.batches_used:  # the epoch's last, partial accumulation group makes no update
+            break
+        seed_everything(derive_seed(config.SEED, rank, state.epoch, idx))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         skipped_images += int(skipped.sum())
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        group_start = (idx // accum) * accum
-        group_len = min(accum, n_batches - group_start)   # the last group of an epoch may be shorter
-        is_update = idx + 1 == group_start + group_len
+        is_update = (idx + 1) % accum == 0
         sync = contextlib.nullcontext() if is_update or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             with precision.autocast():
@@ -109,88 +123,78 @@ def train_one_epoch(
             loss = criterion(outputs.float(), targets)
             finite = torch.isfinite(loss)
             group_nonfinite += (~finite).float()
-            scaler.scale(loss / group_len).backward()
+            scaler.scale(loss / accum).backward()
 
         n = float(samples.shape[0])
         loss_sum += torch.stack([torch.where(finite, loss.detach().double() * n, 0.0), finite.double() * n])
         if not is_update:
             continue
 
-        # One collective per update: how many ranks saw a non-finite loss, and how many were asked to stop.
-        flags = all_reduce_sum(torch.stack([group_nonfinite.clamp(max=1), torch.tensor(float(should_stop()), device=device)]))
+        # The gradients are all-reduced (DDP): their norm is the same on every rank. float16: unscale first, so an
+        # overflow shows as a non-finite norm (the scaler then skips the step and lowers its scale).
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        # One collective and one synchronisation per update: did any rank see a non-finite loss, is the gradient
+        # non-finite, was any rank asked to stop.
+        flags = all_reduce_sum(torch.stack([group_nonfinite.clamp(max=1), (~torch.isfinite(grad_norm)).float(),
+                                            group_nonfinite.new_full((), float(should_stop()))])).tolist()
         group_nonfinite.zero_()
-        if flags[0] > 0:
+        bad_loss, bad_grad, stop_now = (f > 0 for f in flags)
+        if bad_loss or (bad_grad and not scaler.is_enabled()):
+            # A non-finite loss (on any rank), or a non-finite gradient without a scaler: skip on every rank.
             optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.update()  # unscale_ was called: the scaler must close this iteration
             nonfinite_steps += 1
             state.nonfinite_in_row += 1
+            what = 'loss' if bad_loss else 'gradient'
             if logger:
-                logger.warning(f'non-finite loss at epoch {state.epoch} step {idx}: update skipped on every rank '
+                logger.warning(f'non-finite {what} at epoch {state.epoch} step {idx}: update skipped on every rank '
                                f'({state.nonfinite_in_row} in a row)')
             if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
-                raise TrainingDiverged(f'{state.nonfinite_in_row} non-finite losses in a row at epoch {state.epoch}; '
-                                       f'lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD (the last good checkpoint is kept)')
-            grad_norm = float('nan')
+                plural = 'losses' if bad_loss else 'gradients'
+                raise TrainingDiverged(f'{state.nonfinite_in_row} non-finite {plural} in a row at epoch {state.epoch}; '
+                                       f'lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD (the last good checkpoint is '
+                                       f'kept)')
         else:
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # same on every rank
-            if scaler.is_enabled():
-                # float16: the scaler skips steps with inf/NaN gradients and lowers its scale (normal early on).
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                stepped = scaler.get_scale() >= scale
-            elif math.isfinite(grad_norm):
-                optimizer.step()
-                stepped = True
-            else:
-                # A finite loss with non-finite gradients: skip, like a non-finite loss (all ranks agree,
-                # since the gradients were all-reduced).
-                stepped = False
-                nonfinite_steps += 1
-                state.nonfinite_in_row += 1
-                if logger:
-                    logger.warning(f'non-finite gradient at epoch {state.epoch} step {idx}: update skipped')
-                if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
-                    raise TrainingDiverged(f'{state.nonfinite_in_row} non-finite updates in a row at epoch '
-                                           f'{state.epoch}; lower TRAIN.BASE_LR (the last good checkpoint is kept)')
+            scaler.step(optimizer)  # float16 with an overflow: skipped by the scaler (normal early in training)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if stepped:
+            if not bad_grad:
                 state.nonfinite_in_row = 0
+                shown[1:] = torch.stack([grad_norm.double(), shown[2] + grad_norm.double(), shown[3] + 1])
                 if model_ema is not None:
                     model_ema.update(unwrap_model(model), step=state.num_updates)
+        shown[0] = loss.detach().double()
         state.num_updates += 1
-        scheduler.step_update(state.num_updates)
+        scheduler.step_update(clock.step_after(state.epoch, idx))
         state.step_in_epoch = idx + 1
 
-        if math.isfinite(loss.item()):
-            loss_meter.update(loss.item(), targets.size(0))
-        if math.isfinite(grad_norm):
-            norm_meter.update(grad_norm)
-        batch_time.update((time.time() - t_batch) / group_len)
+        batch_time.update((time.time() - t_batch) / accum)
         t_batch = time.time()
-
-        if logger and ((idx // accum) % max(1, config.PRINT_FREQ // accum) == 0 or idx + 1 == n_batches):
+        if logger and ((idx // accum) % max(1, config.PRINT_FREQ // accum) == 0 or idx + 1 == clock.batches_used):
+            loss_now, norm_now, norm_sum, norm_count = shown.tolist()
+            epoch_loss, epoch_count = loss_sum.tolist()
             lr = optimizer.param_groups[0]['lr']
-            eta = batch_time.avg * (n_batches - idx - 1)
+            eta = batch_time.avg * (clock.batches_used - idx - 1)
             line = (f'Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{idx + 1}/{n_batches}]\t'
                     f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t'
                     f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
-                    f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
-                    f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
+                    f'loss {loss_now:.4f} ({epoch_loss / max(epoch_count, 1.0):.4f})\t'
+                    f'grad_norm {norm_now:.4f} ({norm_sum / max(norm_count, 1.0):.4f})\t'
                     f'mem {_memory_mb(device):.0f}MB')
             logger.info(line)
-        if flags[1] > 0:
+        if stop_now:
             stopped = True
             break
 
     if not stopped:
         state.step_in_epoch = n_batches
-    all_reduce_sum(loss_sum)
-    skipped_t = all_reduce_sum(torch.tensor([skipped_images], device=device))
+    totals = all_reduce_sum(torch.cat([loss_sum, loss_sum.new_full((1,), float(skipped_images))])).tolist()
     return {
-        'loss': float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float('nan'),
+        'loss': totals[0] / totals[1] if totals[1] > 0 else float('nan'),
         'lr': optimizer.param_groups[0]['lr'],
-        'skipped_images': int(skipped_t.item()),
+        'skipped_images': int(totals[2]),
         'nonfinite_steps': nonfinite_steps,
         'stopped': stopped,
         'time': time.time() - t_epoch,
@@ -212,18 +216,17 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
         k = min(5, output.shape[1])
         topk = output.topk(k, dim=1).indices                       # B, k
         hit = topk.eq(targets[:, None])
-        sums += torch.stack([
-            nn.functional.cross_entropy(output, targets, reduction='sum').double(),
-            hit[:, 0].sum().double(),
-            hit.any(dim=1).sum().double(),
-            torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
-        ])
+        # Device-side sums (no host synchronisation per batch).
+        sums[0] += nn.functional.cross_entropy(output, targets, reduction='sum').double()
+        sums[1] += hit[:, 0].sum()
+        sums[2] += hit.any(dim=1).sum()
+        sums[3] += targets.numel()
         if logger and (i % print_freq == 0 or i + 1 == len(loader)):
             logger.info(f'{header}: [{i + 1}/{len(loader)}]')
-    all_reduce_sum(sums)
-    n = max(1.0, sums[3].item())
-    stats = {'acc1': 100.0 * sums[1].item() / n, 'acc5': 100.0 * sums[2].item() / n, 'loss': sums[0].item() / n,
-             'num_images': int(sums[3].item()), 'time': time.time() - t0}
+    loss, correct1, correct5, count = all_reduce_sum(sums).tolist()
+    n = max(1.0, count)
+    stats = {'acc1': 100.0 * correct1 / n, 'acc5': 100.0 * correct5 / n, 'loss': loss / n, 'num_images': int(count),
+             'time': time.time() - t0}
     if logger:
         logger.info(f' * Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f}')
     return stats

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,21 +27,20 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from config import ConfigError, get_config
+from config import ConfigError, config_notes, get_config
 from data import DataError, build_loader
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
-from lr_scheduler import build_scheduler, updates_per_epoch
+from lr_scheduler import ScheduleClock, build_scheduler
 from models import build_model, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from checkpoint import (CHECKPOINT_VERSION, CheckpointError, extract_state_dict, find_resume_checkpoint,
-                        load_checkpoint_file, load_model_weights, load_pretrained, prune_checkpoints, save_checkpoint)
-from distributed import (all_reduce_sum, barrier, get_rank, get_world_size, init_distributed, is_collective_failure,
-                         is_dist, resolve_device)
+from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
+                        load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
+                        training_checkpoint)
+from distributed import any_rank, barrier, get_rank, init_distributed, is_collective_failure, is_dist, resolve_device
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
-EPOCH_SEED_STRIDE = 1000  # seeds of consecutive epochs differ by this, of ranks by 1
 
 
 def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -108,67 +109,19 @@ class StopRequest:
         return self.requested
 
 
-def _maybe_compile(model: nn.Module, enabled: bool, logger) -> nn.Module:
-    return compile_model(model, logger) if enabled else model
+@dataclass
+class Run:
+    """What every path of a run shares: the frozen config, where this process runs, and its logger."""
+    config: object
+    device: torch.device
+    rank: int
+    world_size: int
+    precision: Precision
+    logger: logging.Logger
 
 
-def _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema, state: TrainState) -> dict:
-    return {
-        'model': unwrap_model(model).state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'lr_scheduler': scheduler.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_ema': model_ema.state_dict() if model_ema is not None else None,
-        'epoch': state.epoch,
-        'step_in_epoch': state.step_in_epoch,
-        'num_updates': state.num_updates,
-        'max_accuracy': state.max_accuracy,
-        'batch_size': config.DATA.BATCH_SIZE,
-        'world_size': get_world_size(),
-        'config': config.dump(),
-        'version': CHECKPOINT_VERSION,
-    }
-
-
-def _resume(config, ckpt: dict, path: str, model, optimizer, scheduler, scaler, model_ema, state: TrainState,
-            logger) -> None:
-    load_model_weights(unwrap_model(model), extract_state_dict(ckpt, path), path, logger)
-    if 'version' not in ckpt:  # an official checkpoint: weights (and the epoch it reached, if any)
-        if 'epoch' in ckpt and isinstance(ckpt['epoch'], int):
-            state.epoch = ckpt['epoch'] + 1
-        if 'optimizer' in ckpt:
-            try:
-                optimizer.load_state_dict(ckpt['optimizer'])
-            except (ValueError, KeyError, TypeError) as e:
-                logger.warning(f"resume: could not restore the official checkpoint's optimizer ({e}); starting it fresh")
-        logger.info(f"resume: loaded official-format checkpoint '{path}', continuing at epoch {state.epoch}")
-        return
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if scaler.is_enabled() and ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    if model_ema is not None:
-        if ckpt.get('model_ema') is not None:
-            model_ema.load_state_dict(ckpt['model_ema'])
-        else:
-            model_ema.set(unwrap_model(model))
-    state.epoch = ckpt['epoch']
-    state.step_in_epoch = ckpt.get('step_in_epoch', 0)
-    if state.step_in_epoch and (ckpt.get('batch_size'), ckpt.get('world_size')) != (config.DATA.BATCH_SIZE,
-                                                                                     get_world_size()):
-        logger.warning(f"resume: the checkpoint stopped mid-epoch with batch {ckpt.get('batch_size')} x "
-                       f"{ckpt.get('world_size')} processes, this run has {config.DATA.BATCH_SIZE} x "
-                       f"{get_world_size()}: restarting epoch {state.epoch} from its first batch")
-        state.step_in_epoch = 0
-    state.num_updates = ckpt.get('num_updates', 0)
-    state.max_accuracy = ckpt.get('max_accuracy', 0.0)
-    # The schedule is a function of the current config and the update count (not restored from the file), so
-    # raising TRAIN.EPOCHS and resuming stretches the cosine over the new length.
-    scheduler.step_update(state.num_updates)
-    where = f'epoch {state.epoch}' + (f' step {state.step_in_epoch}' if state.step_in_epoch else '')
-    logger.info(f"resume: '{path}', continuing at {where} (best top-1 so far {state.max_accuracy:.3f})")
-
-
-def run(args: argparse.Namespace) -> int:
+def setup(args: argparse.Namespace) -> Run:
+    """Config, device and process group, output folder and logger, seed, precision."""
     config = get_config(args)
     device = resolve_device(config.DEVICE)
     if device.type == 'cpu':
@@ -176,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = init_distributed(device)
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
+    for note in config_notes():
+        logger.info(note)
     if rank == 0:
         name = 'config.yaml' if not (config.EVAL_MODE or config.THROUGHPUT_MODE) else 'config_eval.yaml'
         with open(os.path.join(config.OUTPUT, name), 'w') as f:
@@ -183,8 +138,11 @@ def run(args: argparse.Namespace) -> int:
         logger.info(f'full config saved to {os.path.join(config.OUTPUT, name)}')
     logger.info(f'rank {rank}/{world_size} on {device}')
     seed_everything(config.SEED)  # the same initial weights (and EMA) on every rank
-    precision = resolve_precision(config, device, logger)
+    return Run(config, device, rank, world_size, resolve_precision(config, device, logger), logger)
 
+
+def create_model(run: Run) -> nn.Module:
+    config, logger = run.config, run.logger
     try:
         model = build_model(config)
     except ValueError as e:
@@ -192,44 +150,58 @@ def run(args: argparse.Namespace) -> int:
     params, macs = model_cost(model, config.DATA.IMG_SIZE)
     logger.info(f'model {config.MODEL.NAME} ({config.MODEL.TYPE}): {params:,} params, '
                 f'{macs / 1e9:.3f} GMACs at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}')
-    model.to(device)
+    return model.to(run.device)
 
-    train = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, rank, world_size, logger, train=train)
 
-    if not train:
-        if config.MODEL.RESUME:
-            ckpt = load_checkpoint_file(config.MODEL.RESUME)
-            load_model_weights(model, extract_state_dict(ckpt, config.MODEL.RESUME), config.MODEL.RESUME, logger)
-            logger.info(f"loaded weights from '{config.MODEL.RESUME}'")
-        elif config.MODEL.PRETRAINED:
-            load_pretrained(model, config.MODEL.PRETRAINED, logger)
-        elif config.EVAL_MODE:
-            raise ConfigError('--eval needs weights: pass --resume <checkpoint>')
-        model = _maybe_compile(model, config.TRAIN.COMPILE, logger)
-        if config.THROUGHPUT_MODE:
-            throughput(model, loader_val, device, precision, logger)
-        if config.EVAL_MODE:
-            stats = evaluate(model, loader_val, device, precision, logger, print_freq=config.PRINT_FREQ)
-            logger.info(f'Accuracy of the network on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%')
-        return 0
+def evaluate_only(run: Run, model: nn.Module) -> int:
+    """``--eval`` / ``--throughput``: load the weights, then measure."""
+    config, logger = run.config, run.logger
+    data = build_loader(config, run.rank, run.world_size, logger, train=False, device=run.device)
+    if config.MODEL.RESUME:
+        ckpt = load_checkpoint_file(config.MODEL.RESUME)
+        load_model_weights(model, extract_state_dict(ckpt, config.MODEL.RESUME), config.MODEL.RESUME, logger)
+        logger.info(f"loaded weights from '{config.MODEL.RESUME}'")
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED, logger)
+    elif config.EVAL_MODE:
+        raise ConfigError('--eval needs weights: pass --resume <checkpoint>')
+    model = compile_model(model, logger) if config.TRAIN.COMPILE else model
+    if config.THROUGHPUT_MODE:
+        throughput(model, data.loader_val, run.device, run.precision, logger)
+    if config.EVAL_MODE:
+        stats = evaluate(model, data.loader_val, run.device, run.precision, logger, print_freq=config.PRINT_FREQ)
+        logger.info(f'Accuracy of the network on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%')
+    return 0
 
-    if mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
+
+def train(run: Run, model: nn.Module) -> int:
+    """Train (or continue training) and evaluate after every epoch; checkpoints in the output folder."""
+    config, logger, device, rank, world_size = run.config, run.logger, run.device, run.rank, run.world_size
+    data = build_loader(config, rank, world_size, logger, train=True, device=device)
+    if data.mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f'mixup/cutmix needs an even batch size per process, got {config.DATA.BATCH_SIZE}')
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
+
+    # Optimiser and schedule, placed as the official loops place them (lr_scheduler.py).
+    accum = config.TRAIN.ACCUMULATION_STEPS
     base_lr, warmup_lr, min_lr = scaled_lrs(config, world_size)
-    total_batch = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
-    logger.info(f'effective batch {total_batch} ({config.DATA.BATCH_SIZE} x {world_size} processes x '
-                f'{config.TRAIN.ACCUMULATION_STEPS} accumulation); LR scaled by {total_batch}/'
-                f'{config.TRAIN.LR_SCALE_BATCH}: base {base_lr:.3e}, warm-up {warmup_lr:.3e}, min {min_lr:.3e}')
+    total_batch = config.DATA.BATCH_SIZE * world_size * accum
+    logger.info(f'effective batch {total_batch} ({config.DATA.BATCH_SIZE} x {world_size} processes x {accum} '
+                f'accumulation); LR scaled by {total_batch}/{config.TRAIN.LR_SCALE_BATCH}: base {base_lr:.3e}, '
+                f'warm-up {warmup_lr:.3e}, min {min_lr:.3e}')
     optimizer = build_optimizer(config, model, base_lr)
-    n_updates = updates_per_epoch(len(loader_train), config.TRAIN.ACCUMULATION_STEPS)
-    scheduler = build_scheduler(config, optimizer, n_updates, base_lr, warmup_lr, min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.enabled and precision.dtype == torch.float16)
+    clock = ScheduleClock(len(data.loader_train), accum, config.TRAIN.LR_SCHEDULER.T_IN_BATCHES)
+    scheduler = build_scheduler(config, optimizer, clock, base_lr, warmup_lr, min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision.enabled and run.precision.dtype == torch.float16)
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     state = TrainState(epoch=config.TRAIN.START_EPOCH)
+    if clock.batches_used < clock.batches_per_epoch:
+        logger.info(f'accumulation {accum} over {clock.batches_per_epoch} batches: the last '
+                    f'{clock.batches_per_epoch - clock.batches_used} of each epoch make no update (as in the '
+                    f'official code)')
 
+    # Continue a run (ours or official), or start from pretrained weights.
     resume_path, ckpt = config.MODEL.RESUME, None
     if config.TRAIN.AUTO_RESUME:
         found = find_resume_checkpoint(config.OUTPUT, logger)
@@ -238,12 +210,14 @@ def run(args: argparse.Namespace) -> int:
                 logger.warning(f"auto-resume: using '{found[0]}' from the output folder instead of '{resume_path}'")
             resume_path, ckpt = found
     if resume_path:
-        ckpt = ckpt if ckpt is not None else load_checkpoint_file(resume_path)
-        _resume(config, ckpt, resume_path, model, optimizer, scheduler, scaler, model_ema, state, logger)
+        restore_training(ckpt if ckpt is not None else load_checkpoint_file(resume_path), resume_path, model=model,
+                         optimizer=optimizer, scaler=scaler, model_ema=model_ema, state=state,
+                         batch_size=config.DATA.BATCH_SIZE, world_size=world_size, accumulation=accum,
+                         updates_per_epoch=clock.updates_per_epoch, logger=logger)
         del ckpt
-        if state.num_updates == 0 and state.epoch > 0:  # official checkpoints record epochs, not updates
-            state.num_updates = state.epoch * n_updates
-            scheduler.step_update(state.num_updates)
+        position = clock.step_before(state.epoch, state.step_in_epoch)
+        if position is not None:
+            scheduler.step_update(position)
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED, logger)
         if model_ema is not None:
@@ -251,68 +225,69 @@ def run(args: argparse.Namespace) -> int:
 
     # Evaluation runs the plain model: DDP would add collectives (buffer broadcasts) to every eval forward,
     # which hang when ranks hold different numbers of validation batches.
-    eval_model = _maybe_compile(model, config.TRAIN.COMPILE, logger)
+    eval_model = compile_model(model, logger) if config.TRAIN.COMPILE else model
     if is_dist():
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-    model = _maybe_compile(model, config.TRAIN.COMPILE, logger) if config.TRAIN.COMPILE else model
-    criterion = build_criterion(config, mixup_fn is not None)
+    model = compile_model(model, logger) if config.TRAIN.COMPILE else model
+    criterion = build_criterion(config, data.mixup_fn is not None)
     stop = StopRequest()
     writer = _tensorboard(config.OUTPUT) if rank == 0 else None
 
-    logger.info(f'start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}, {len(loader_train)} batches '
-                f'per epoch per process, {n_updates} updates per epoch')
+    def save(path: str) -> None:
+        save_checkpoint(path, training_checkpoint(config=config, model=unwrap_model(model), optimizer=optimizer,
+                                                  scheduler=scheduler, scaler=scaler, model_ema=model_ema, state=state,
+                                                  class_names=data.class_names, world_size=world_size))
+
+    logger.info(f'start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}, {clock.batches_per_epoch} batches '
+                f'per epoch per process, {clock.updates_per_epoch} updates per epoch')
     t_start = time.time()
-    sampler = loader_train.sampler
+    sampler = data.loader_train.sampler
     while state.epoch < config.TRAIN.EPOCHS:
         epoch = state.epoch
-        # Augmentation, mixup and drop-path depend only on (seed, rank, epoch): a resumed epoch repeats exactly.
-        seed_everything(config.SEED + rank + EPOCH_SEED_STRIDE * epoch)
         sampler.set_epoch(epoch)
         sampler.start_index = state.step_in_epoch * config.DATA.BATCH_SIZE
-        stats = train_one_epoch(config=config, model=model, criterion=criterion, loader=loader_train,
-                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, precision=precision,
-                                device=device, state=state, mixup_fn=mixup_fn, model_ema=model_ema,
-                                should_stop=stop, logger=logger)
+        stats = train_one_epoch(config=config, model=model, criterion=criterion, loader=data.loader_train,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, precision=run.precision,
+                                device=device, state=state, clock=clock, mixup_fn=data.mixup_fn,
+                                model_ema=model_ema, should_stop=stop, logger=logger)
         sampler.start_index = 0
         if stats['skipped_images'] or stats['nonfinite_steps']:
             logger.warning(f'epoch {epoch}: skipped {stats["skipped_images"]} unreadable images, '
                            f'{stats["nonfinite_steps"]} updates with non-finite loss')
-        if not stats['stopped'] and all_reduce_sum(torch.tensor(float(stop()))).item() > 0:
+        if not stats['stopped'] and any_rank(stop()):
             # Asked to stop after the epoch's last update: checkpoint at the boundary and skip evaluation.
             state.epoch, state.step_in_epoch = epoch + 1, 0
             stats['stopped'] = True
         if stats['stopped']:
             if rank == 0:
-                save_checkpoint(os.path.join(config.OUTPUT, 'last.pth'),
-                                _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema, state))
+                save(os.path.join(config.OUTPUT, 'last.pth'))
             barrier()
             logger.info(f'stop requested: checkpoint written at epoch {state.epoch} step {state.step_in_epoch}; '
                         f'rerun the same command to continue')
             return 0
 
-        val = evaluate(eval_model, loader_val, device, precision, logger, print_freq=config.PRINT_FREQ)
+        val = evaluate(eval_model, data.loader_val, device, run.precision, logger, print_freq=config.PRINT_FREQ)
         logger.info(f'Accuracy of the network on the {val["num_images"]} test images: {val["acc1"]:.1f}%')
         ema_acc1 = None
         if model_ema is not None:
-            ema_acc1 = evaluate(model_ema, loader_val, device, precision, logger, header='Test EMA')['acc1']
+            ema_acc1 = evaluate(model_ema, data.loader_val, device, run.precision, logger, header='Test EMA')['acc1']
         improved = val['acc1'] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, val['acc1'])
         logger.info(f'Max accuracy: {state.max_accuracy:.2f}%')
         state.epoch, state.step_in_epoch = epoch + 1, 0
 
         if rank == 0:
-            ckpt_state = _state_dict_for_save(config, model, optimizer, scheduler, scaler, model_ema, state)
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
                 path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}.pth')
-                save_checkpoint(path, ckpt_state)
+                save(path)
                 logger.info(f'{path} saved')
                 stale = os.path.join(config.OUTPUT, 'last.pth')
                 if os.path.exists(stale):
                     os.remove(stale)
                 prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS)
             if improved:
-                save_checkpoint(os.path.join(config.OUTPUT, 'best.pth'), ckpt_state)
+                save(os.path.join(config.OUTPUT, 'best.pth'))
             record = {'epoch': epoch, 'lr': stats['lr'], 'train_loss': stats['loss'], 'val_acc1': val['acc1'],
                       'val_acc5': val['acc5'], 'val_loss': val['loss'], 'ema_acc1': ema_acc1,
                       'skipped_images': stats['skipped_images'], 'nonfinite_steps': stats['nonfinite_steps'],
@@ -328,6 +303,15 @@ def run(args: argparse.Namespace) -> int:
     logger.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - t_start))}; '
                 f'best top-1 {state.max_accuracy:.3f}')
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """config -> distributed -> model -> evaluation only, or data -> optimiser / schedule -> checkpoint -> loop."""
+    run_ = setup(args)
+    model = create_model(run_)
+    if run_.config.EVAL_MODE or run_.config.THROUGHPUT_MODE:
+        return evaluate_only(run_, model)
+    return train(run_, model)
 
 
 def _tensorboard(output_dir: str):

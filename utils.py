@@ -11,9 +11,17 @@ import torch.nn as nn
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (e.g. seed, rank, epoch, step); distinct parts give unrelated
+    streams, unlike ``seed + rank + 1000 * epoch``, where (rank 1000, epoch 0) and (rank 0, epoch 1) collide."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
 
 
 def keep_freed_memory() -> bool:

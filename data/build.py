@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from utils import derive_seed, seed_everything
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently half-grey
 
@@ -107,7 +109,10 @@ class SafeImageFolder(ImageFolder):
         self.skip_corrupt = skip_corrupt
         self.logger = logger
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
+        """``index``, or ``(index, seed)`` from ``ResumableDistributedSampler``: the random transforms of this sample
+        then draw from ``seed`` alone, whichever worker (or the main process) loads it."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         skipped = 0
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
@@ -125,22 +130,32 @@ class SafeImageFolder(ImageFolder):
                     warnings.warn(msg)
                 continue
             if self.transform is not None:
+                if seed is not None:
+                    seed_everything(seed)
                 img = self.transform(img)
             return img, target, skipped
         raise DataError(f"no readable image in '{self.root}'")
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler whose next epoch can start after the first ``start_index`` items of this rank's
-    order (same order as an uninterrupted epoch), for mid-epoch resume. ``start_index`` resets to 0 after use."""
+    """The training sampler of the official code (``DistributedSampler``, shuffled by (seed, epoch), padded to equal
+    shares), which can start after the first ``start_index`` items of this rank's share (mid-epoch resume; same
+    order as an uninterrupted epoch; ``start_index`` resets to 0 after use), and hands each index over with the seed
+    of its random transforms, derived from (seed, epoch, position in the epoch's global order).
+
+    Positions are global (rank r of W takes positions r, r + W, ...), so a sample's augmentation depends on the
+    epoch and the data order only, not on the process count, the batch size or the worker count.
+    """
 
     def __init__(self, dataset: Dataset, **kwargs) -> None:
         super().__init__(dataset, **kwargs)
         self.start_index = 0
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())[self.start_index:]
-        return iter(indices)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())  # this rank's share, in the official order
+        for i in range(self.start_index, len(indices)):
+            position = i * self.num_replicas + self.rank
+            yield indices[i], derive_seed(self.seed, self.epoch, position)
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
@@ -205,31 +220,43 @@ def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = Non
 PREFETCH_BATCHES = 4  # per worker
 
 
-def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool,
-            persistent: bool) -> DataLoader:
+class Data(NamedTuple):
+    """What ``build_loader`` returns; the training parts are None for evaluation-only runs."""
+    dataset_train: Optional[SafeImageFolder]
+    dataset_val: SafeImageFolder
+    loader_train: Optional[DataLoader]
+    loader_val: DataLoader
+    mixup_fn: Optional[Mixup]
+    class_names: list[str]
+
+
+def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool, persistent: bool,
+            pin_memory: bool) -> DataLoader:
     workers = config.DATA.NUM_WORKERS
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers,
-                      pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=persistent and workers > 0,
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=drop_last, persistent_workers=persistent and workers > 0,
                       prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
 
 
-def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Logger] = None, train: bool = True):
-    """Returns (dataset_train, dataset_val, loader_train, loader_val, mixup_fn); train parts are None if not
-    ``train`` (evaluation and throughput runs need no training folder contents)."""
-    check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES, splits=('train', 'val') if train else ('val',))
+def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Logger] = None, train: bool = True,
+                 device: Optional[torch.device] = None) -> Data:
+    """The data of a run (evaluation and throughput runs need no training folder contents). Batches are pinned
+    when they go to a CUDA ``device`` (``DATA.PIN_MEMORY``), so the loops copy them with ``non_blocking=True``."""
+    class_names = check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES,
+                                    splits=('train', 'val') if train else ('val',))
+    pin = bool(config.DATA.PIN_MEMORY) and device is not None and device.type == 'cuda'
     dataset_val = build_dataset(config, is_train=False, logger=logger)
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,
-                         config.DATA.BATCH_SIZE, drop_last=False, persistent=True)
+                         config.DATA.BATCH_SIZE, drop_last=False, persistent=True, pin_memory=pin)
     if not train:
-        return None, dataset_val, None, loader_val, None
+        return Data(None, dataset_val, None, loader_val, None, class_names)
     dataset_train = build_dataset(config, is_train=True, logger=logger)
     sampler = ResumableDistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=config.SEED, drop_last=True)
+                                          seed=config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set gives {len(sampler)} images per process, fewer than one batch of "
                         f"{config.DATA.BATCH_SIZE}; lower --batch-size")
-    # Fresh workers each epoch: they are seeded from the per-epoch RNG state, so a resumed epoch augments
-    # exactly as an uninterrupted one would (persistent workers would carry their RNG across epochs).
-    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, persistent=False)
-    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+    # Every sample carries its own seed (the sampler's), so workers can persist across epochs.
+    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, persistent=True,
+                           pin_memory=pin)
+    return Data(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config), class_names)

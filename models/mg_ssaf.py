@@ -615,6 +615,11 @@ class MGSSAF(nn.Module):
         return set()
 
     @torch.jit.ignore
+    def official_no_weight_decay(self) -> set[str]:
+        """The names the official optimizer exempted (none): for reading official checkpoints' optimizer state."""
+        return set()
+
+    @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return set()
 

@@ -68,11 +68,11 @@ Speed (exact shortcuts, same function)
 
 Weight decay
 ------------
-``no_weight_decay()`` returns the real names ``{'msg_tokens'}`` (+ ``'absolute_pos_embed'`` with ape).
-The official code lists ``'msg_token'``, which matches no parameter, so it decays ``msg_tokens``. We follow
-its evident intent (learned tokens are exempt, as ``cls_token`` / ``pos_embed`` in DeiT/Swin); it is
-gs_0**2 * C = 16 * C numbers, so the difference in training is negligible. ``no_weight_decay_keywords()``
-is the official ``{'relative_position_bias_table', 'rel_pos_msg'}``, which does match.
+``no_weight_decay()`` follows the official recipe by default: the official lists ``'msg_token'``, which matches no
+parameter, so the MSG tokens are decayed, and the published accuracies were trained that way. With
+``decay_msg_tokens=False`` (config ``MODEL.MSG.DECAY_MSG_TOKENS False``) they are exempt, the evident intent, like
+``cls_token`` / ``pos_embed`` in DeiT/Swin (gs_0**2 * C = 16 * C numbers). ``'absolute_pos_embed'`` is exempt (with
+ape), and ``no_weight_decay_keywords()`` is the official ``{'relative_position_bias_table', 'rel_pos_msg'}``.
 """
 from __future__ import annotations
 
@@ -420,6 +420,7 @@ class MSGTransformer(nn.Module):
         manip_type: 'shuf' (shuffle MSG tokens) or 'none' (MSG tokens stay in their window).
         fused_attn: attention through ``F.scaled_dot_product_attention``; False: plain matmuls.
         use_checkpoint: gradient checkpointing per block (see ``set_grad_checkpointing``).
+        decay_msg_tokens: weight decay on the MSG tokens, as the official recipe has it (see the module docstring).
     """
 
     def __init__(
@@ -444,6 +445,7 @@ class MSGTransformer(nn.Module):
             manip_type: str = 'shuf',
             fused_attn: bool = True,
             use_checkpoint: bool = False,
+            decay_msg_tokens: bool = True,
     ) -> None:
         super().__init__()
         depths, num_heads, shuffle_size = tuple(depths), tuple(num_heads), tuple(shuffle_size)
@@ -460,6 +462,7 @@ class MSGTransformer(nn.Module):
         self.num_classes = num_classes
         self.num_features = dims[-1]
         self.ape = ape
+        self.decay_msg_tokens = decay_msg_tokens
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f'layers.{i}')
                              for i, d in enumerate(dims)]
 
@@ -522,8 +525,14 @@ class MSGTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Exempt parameter names (real ones; the official 'msg_token' matched nothing, see module doc)."""
-        return {'msg_tokens', 'absolute_pos_embed'} if self.ape else {'msg_tokens'}
+        """Parameter names exempt from weight decay (see the module docstring)."""
+        return self.official_no_weight_decay() | (set() if self.decay_msg_tokens else {'msg_tokens'})
+
+    @torch.jit.ignore
+    def official_no_weight_decay(self) -> Set[str]:
+        """The names the official optimizer exempted (its 'msg_token' named no parameter), for reading the
+        optimizer state of official checkpoints."""
+        return {'absolute_pos_embed'} if self.ape else set()
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
@@ -654,6 +663,7 @@ def build_msg(config) -> MSGTransformer:
         manip_type=c.MANIP_TYPE,
         fused_attn=config.MODEL.FUSED_ATTN,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        decay_msg_tokens=c.DECAY_MSG_TOKENS,
     )
 
 

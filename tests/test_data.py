@@ -80,7 +80,8 @@ def test_loader_counts_skips_and_keeps_batch_shapes(tmp_path, digits_dir):
     merge_opts(cfg, ['DATA.DATA_PATH', str(root), 'DATA.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '16',
                      'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '10', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0'])
     with pytest.warns(UserWarning):
-        _, _, loader, _, mixup = build_loader(cfg, rank=0, world_size=1)
+        data = build_loader(cfg, rank=0, world_size=1)
+        loader, mixup = data.loader_train, data.mixup_fn
         total = 0
         for images, targets, skipped in loader:
             assert images.shape == (16, 3, 32, 32)

@@ -94,7 +94,7 @@ def test_accumulation_equals_one_large_batch():
                         optimizer=opt, scheduler=Sched(), scaler=torch.amp.GradScaler('cpu', enabled=False),
                         precision=Precision('cpu', False, torch.bfloat16), device=torch.device('cpu'),
                         state=TrainState())
-        assert updates == [1]
+        assert updates == [accum - 1]          # the schedule steps to the batch index of the update (MSG's clock)
         params.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params))
 
@@ -208,25 +208,37 @@ def _read_log(run_dir):
     return open(path).read() if os.path.exists(path) else ''
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resumes(tmp_path, digits_dir):
-    args = _train_args(tmp_path, digits_dir, epochs=2)
-    run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
-    proc = _torchrun(args)
+AUGMENTED = ['AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1', 'AUG.COLOR_JITTER', '0.4', 'AUG.REPROB', '0.25',
+             'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'MODEL.DROP_PATH_RATE', '0.2', 'DATA.NUM_WORKERS', '1']
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_dir):
+    """SIGTERM mid-epoch, rerun: the same weights as an uninterrupted run, with the papers' augmentation, mixup /
+    cutmix and drop path on and a data worker (every draw is seeded from the epoch and the step or sample)."""
+    def args(out):
+        return _train_args(out, digits_dir, epochs=2) + AUGMENTED
+    ref = _torchrun(args(tmp_path / 'ref'))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
+    run_dir = os.path.join(tmp_path, 'cut', 'msg_demo', 'default')
+    proc = _torchrun(args(tmp_path / 'cut'))
     _wait_for(lambda: 'Train: [0/2][5/' in _read_log(run_dir), proc)
     for pid in _workers(proc):
         os.kill(pid, signal.SIGTERM)                         # what a scheduler sends to every task
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
     ckpt = torch.load(os.path.join(run_dir, 'last.pth'), weights_only=True)
-    assert ckpt['epoch'] == 0 and 0 < ckpt['step_in_epoch'] < 25
+    assert ckpt['epoch'] == -1 and 0 < ckpt['step_in_epoch'] < 25    # no epoch completed yet
     stopped_at = ckpt['step_in_epoch']
-    proc2 = _torchrun(args)
+    proc2 = _torchrun(args(tmp_path / 'cut'))
     out2 = proc2.communicate(timeout=300)[0]
     assert proc2.returncode == 0, out2[-3000:]
     assert f'continuing at epoch 0 step {stopped_at}' in out2
     assert f'Train: [0/2][{stopped_at + 1}/25]' in out2 and 'Train: [0/2][1/25]' not in out2
     rows = [json.loads(ln) for ln in open(os.path.join(run_dir, 'metrics.jsonl'))]
     assert [r['epoch'] for r in rows] == [0, 1]
+    a = torch.load(os.path.join(tmp_path, 'ref', 'msg_demo', 'default', 'ckpt_epoch_1.pth'), weights_only=True)
+    b = torch.load(os.path.join(run_dir, 'ckpt_epoch_1.pth'), weights_only=True)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
 def test_kill9_then_rerun_finishes_with_identical_weights(tmp_path, digits_dir):

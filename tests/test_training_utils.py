@@ -1,4 +1,5 @@
 """Pure helpers of the engine: LR scaling and schedule, parameter groups, checkpoint I/O and its safety."""
+import json
 import logging
 import math
 import os
@@ -10,13 +11,14 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from config import get_default_config, merge_opts
-from lr_scheduler import build_scheduler, updates_per_epoch
+from config import get_default_config, load_config_file, merge_opts
+from lr_scheduler import ScheduleClock, build_scheduler
 from optimizer import build_optimizer, param_groups, scaled_lrs
 from checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint_file, load_model_weights,
                         load_pretrained, prune_checkpoints, save_checkpoint, list_checkpoints)
 
 LOG = logging.getLogger('test')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(*opts):
@@ -77,47 +79,94 @@ def test_adamw_is_fused_and_steps_like_the_reference():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize('accum,batches,expected', [(1, 10, 10), (3, 10, 4), (5, 10, 2)])
-def test_updates_per_epoch(accum, batches, expected):
-    assert updates_per_epoch(batches, accum) == expected
-
-
-def _lrs(cfg, n_updates, total):
+def _lrs(cfg, batches, total, accum=1, in_batches=False):
+    """The LR of updates 0..total-1, as the training loop steps the schedule."""
+    clock = ScheduleClock(batches, accum, in_batches)
     opt = build_optimizer(cfg, Toy(), lr=1.0)
-    sched = build_scheduler(cfg, opt, n_updates, base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    sched = build_scheduler(cfg, opt, clock, base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
     out = []
-    for t in range(total + 1):
-        sched.step_update(t)
+    for u in range(total):
+        t = clock.position_of_update(u)
+        if t is not None:
+            sched.step_update(t)
         out.append(opt.param_groups[0]['lr'])
     return out
 
 
-def test_cosine_with_warmup_values():
+def test_cosine_with_warmup_prefix_values():
+    cfg = _cfg('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', 'True')
+    lrs = _lrs(cfg, batches=5, total=51)         # 10 warm-up steps, then 40 of cosine; update u runs at step u - 1
+    assert lrs[0] == lrs[1] == pytest.approx(1e-6)
+    assert lrs[6] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 5 / 10)   # linear warm-up
+    assert lrs[11] == pytest.approx(1e-3)
+    assert lrs[31] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[11:], lrs[12:]))
+
+
+def test_cosine_without_prefix_spans_all_steps():
+    """MSG-Transformer's official schedule: the cosine is a function of the step from 0, warm-up included."""
     cfg = _cfg('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2')
-    lrs = _lrs(cfg, n_updates=5, total=50)        # 10 warm-up updates, then 40 of cosine
-    assert lrs[0] == pytest.approx(1e-6)
-    assert lrs[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 5 / 10)   # linear warm-up
-    assert lrs[10] == pytest.approx(1e-3)
-    assert lrs[30] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
-    assert lrs[50] == pytest.approx(1e-5, rel=1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    lrs = _lrs(cfg, batches=5, total=51)
+    assert lrs[31] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 30 / 50)))
 
 
-def test_schedule_length_is_independent_of_accumulation():
-    # 12 batches per epoch: with accumulation 3 there are 4 updates per epoch, and the cosine ends at epoch end.
-    cfg = _cfg('TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.ACCUMULATION_STEPS', '3')
-    n = updates_per_epoch(12, 3)
-    lrs = _lrs(cfg, n_updates=n, total=3 * n)
-    assert lrs[n] == pytest.approx(1e-3) and lrs[3 * n] == pytest.approx(1e-5, rel=1e-3)
+@pytest.mark.parametrize('in_batches', [False, True])
+def test_accumulation_clock(in_batches):
+    """12 batches per epoch, accumulation 5: 2 updates (the last 2 batches make none). MG-SSAF's clock counts
+    updates, (epoch x 12 + batch) // 5, so it gains a step per epoch here, as the official loop does; MSG's counts
+    batches, stepping 5 per update on 12 steps per epoch."""
+    clock = ScheduleClock(12, 5, in_batches)
+    assert clock.updates_per_epoch == 2 and clock.batches_used == 10
+    assert clock.steps_per_epoch == (12 if in_batches else 2)
+    assert [clock.position_of_update(u) for u in range(5)] == ([None, 4, 9, 16, 21] if in_batches
+                                                               else [None, 0, 1, 3, 4])
+    assert clock.step_before(1, 0) == clock.position_of_update(2) and clock.step_before(0, 0) is None
+    assert clock.step_before(1, 5) == clock.position_of_update(3)
 
 
 @pytest.mark.parametrize('name', ['linear', 'step', 'multistep'])
 def test_other_schedulers_warm_up_then_decay(name):
     cfg = _cfg('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.LR_SCHEDULER.NAME', name,
                'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[4, 7]')
-    lrs = _lrs(cfg, n_updates=2, total=20)
-    assert lrs[0] == pytest.approx(1e-6) and lrs[2] == pytest.approx(1e-3)
+    lrs = _lrs(cfg, batches=2, total=21)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[3] == pytest.approx(1e-3)
     assert lrs[20] < 1e-3 / 5
+
+
+TRACES = json.load(open(os.path.join(os.path.dirname(__file__), 'fixtures', 'official_lr_traces.json')))['traces']
+CONFIG_FILES = {'msg_tiny_p4_win7_224': 'msg_tiny_p4_win7_224.yaml', 'msg_small_p4_win7_224': 'msg_small_p4_win7_224.yaml',
+                'msg_base_p4_win7_224': 'msg_base_p4_win7_224.yaml', 'MG-SSAF-T': 'MG-SSAF/MG-SSAF-T.yaml',
+                'MG-SSAF-S': 'MG-SSAF/MG-SSAF-S.yaml', 'MG-SSAF-B': 'MG-SSAF/MG-SSAF-B.yaml'}
+
+
+@pytest.mark.parametrize('key', sorted(TRACES))
+def test_lr_matches_the_official_trace(key):
+    """The LR of every sampled update over 300 epochs, against the official lr_scheduler.py in the official loop
+    (tests/fixtures/official_lr_traces.json, from tools/official_lr_traces.py): the READMEs' commands (ImageNet,
+    8 x 128 / 16 x 64 for MSG-T/S/B; 2 x 128, 2 x 64 with accumulation 2 for MG-SSAF-T/S/B), plus the other
+    schedulers and accumulation with each clock."""
+    trace = TRACES[key]
+    cfg = load_config_file(os.path.join(ROOT, 'configs', CONFIG_FILES[trace['config']]),
+                           ['TRAIN.LR_SCHEDULER.NAME', trace['scheduler'], 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[100, 200]',
+                            'DATA.BATCH_SIZE', str(trace['batch_size']),
+                            'TRAIN.ACCUMULATION_STEPS', str(trace['accumulation_steps'])])
+    base, warm, low = scaled_lrs(cfg, trace['world_size'])
+    clock = ScheduleClock(trace['batches_per_epoch'], cfg.TRAIN.ACCUMULATION_STEPS, cfg.TRAIN.LR_SCHEDULER.T_IN_BATCHES)
+    assert clock.updates_per_epoch * cfg.TRAIN.EPOCHS == trace['num_updates']
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(cfg, opt, clock, base, warm, low)
+    initial = opt.param_groups[0]['lr']
+    ours = []
+    for u in trace['updates']:
+        t = clock.position_of_update(u)
+        if t is None:
+            ours.append(initial)
+        else:
+            sched.step_update(t)
+            ours.append(opt.param_groups[0]['lr'])
+    rel = [abs(a - b) / b for a, b in zip(ours, trace['lr'])]
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    assert rel[worst] <= 1e-6, f"update {trace['updates'][worst]}: ours {ours[worst]:.6e}, official {trace['lr'][worst]:.6e}"
 
 
 def test_unknown_scheduler_and_optimizer_are_clear():

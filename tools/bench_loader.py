@@ -60,7 +60,7 @@ def ours(root: str, workers: int, batch_size: int):
     cfg = get_default_config()
     merge_opts(cfg, ['DATA.DATA_PATH', root, 'DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch_size),
                      'MODEL.NUM_CLASSES', str(NUM_CLASSES)])
-    return build_loader(cfg, rank=0, world_size=1)[2]
+    return build_loader(cfg, rank=0, world_size=1).loader_train
 
 
 def timm_loader(root: str, workers: int, batch_size: int):
