@@ -173,15 +173,41 @@ def load_pretrained(model: nn.Module, path: str, logger: logging.Logger) -> None
     logger.info(f"pretrained: loaded weights from '{path}'")
 
 
+class _RecordingFile:
+    """A file whose write errors are kept: torch.save turns them into an opaque 'enforce fail ... unexpected pos'."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` atomically: a partial write never replaces or impersonates a complete checkpoint."""
+    """Write ``state`` atomically: a partial write never replaces or impersonates a complete checkpoint. A failed
+    write (full disk, quota, I/O error) raises one ``CheckpointError`` naming the cause; the previous file stays."""
     tmp = f'{path}.tmp.{os.getpid()}'
+    out = None
     try:
         with open(tmp, 'wb') as f:
-            torch.save(state, f)
+            out = _RecordingFile(f)
+            torch.save(state, out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = out.error if out is not None and out.error is not None else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        # Nothing was replaced (the write is atomic): say so when there is a previous checkpoint to rerun from.
+        kept = ' (the previous checkpoint is kept)' if glob.glob(os.path.join(os.path.dirname(path) or '.', '*.pth')) else ''
+        raise CheckpointError(f"could not write '{path}': {reason}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

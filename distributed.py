@@ -41,6 +41,22 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launched() -> bool:
+    """Started by torchrun / torch.distributed.launch (which set RANK), whether or not the group is up yet."""
+    return 'RANK' in os.environ
+
+
+def process_rank() -> int:
+    """This process's rank: the group's, or the launcher's before the group exists (e.g. for a config error)."""
+    return dist.get_rank() if is_dist() else int(os.environ.get('RANK', 0))
+
+
+def shutdown() -> None:
+    """Leave the process group (if any)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_dist() else 0
 

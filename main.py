@@ -37,7 +37,8 @@ from optimizer import build_optimizer, scaled_lrs
 from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
                         training_checkpoint)
-from distributed import any_rank, barrier, get_rank, init_distributed, is_collective_failure, is_dist, resolve_device
+from distributed import (any_rank, barrier, init_distributed, is_collective_failure, is_dist, launched, process_rank,
+                         resolve_device, shutdown)
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
@@ -120,14 +121,42 @@ class Run:
     logger: logging.Logger
 
 
+def prepare_output(path: str) -> None:
+    """Create the output folder and check that files can be written there, before any work (an unwritable or
+    immutable folder, or a file in the way, would otherwise fail at the first log line or checkpoint)."""
+    blocker = next((p for p in _parents(path) if os.path.exists(p) and not os.path.isdir(p)), None)
+    if blocker is not None:
+        raise ConfigError(f"output folder '{path}': '{blocker}' is a file, not a folder; choose another --output")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"output folder '{path}' is not writable ({e.strerror}); choose another --output or fix "
+                          f"its permissions") from None
+
+
+def _parents(path: str) -> list[str]:
+    """``path`` and the folders above it, nearest first."""
+    out, path = [], os.path.abspath(path)
+    while True:
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out
+        path = parent
+
+
 def setup(args: argparse.Namespace) -> Run:
     """Config, device and process group, output folder and logger, seed, precision."""
     config = get_config(args)
     device = resolve_device(config.DEVICE)
     if device.type == 'cpu':
         keep_freed_memory()  # no page faults for tensors freed and made again every step (utils.keep_freed_memory)
+    prepare_output(config.OUTPUT)
     rank, world_size = init_distributed(device)
-    os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
     for note in config_notes():
         logger.info(note)
@@ -331,28 +360,38 @@ def _one_line(e: BaseException) -> str:
     return ' '.join(text.split())
 
 
+def _report(e: BaseException, text: str) -> None:
+    """Print a user error once: from rank 0 when every rank hits it alike (config, data folder, checkpoint: all
+    ranks read the same files), from the rank that hit it otherwise (an image in its shard of the validation
+    set). Under a launcher this line comes before the launcher's own ChildFailedError report."""
+    rank = process_rank()
+    if getattr(e, 'rank_specific', False):
+        print(f'[rank {rank}] {text}' if launched() else text, file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_option(argv)
-    prefix = lambda: f'[rank {get_rank()}] ' if is_dist() else ''  # noqa: E731
     try:
         return run(args)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f'{prefix()}error: {_one_line(e)}', file=sys.stderr, flush=True)
+        _report(e, f'error: {_one_line(e)}')
         return 2
     except KeyboardInterrupt:
-        print(f'{prefix()}interrupted', file=sys.stderr, flush=True)
+        _report(KeyboardInterrupt(), 'interrupted')
         return 130
     except (RuntimeError, dist.DistError) as e:
         if args.debug or not is_collective_failure(e):
             raise
-        print(f'{prefix()}error: another process of this run failed or was killed (see its log_rank*.txt); '
-              f'rerun the command to resume from the last checkpoint', file=sys.stderr, flush=True)
+        e.rank_specific = True
+        _report(e, 'error: another process of this run failed or was killed (see its log_rank*.txt); rerun the '
+                   'command to resume from the last checkpoint')
         return 1
     finally:
-        if is_dist():
-            torch.distributed.destroy_process_group()
+        shutdown()
 
 
 if __name__ == '__main__':

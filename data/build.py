@@ -51,6 +51,11 @@ class DataError(ValueError):
     """A problem with the data set that the user can fix (message is one line)."""
 
 
+class UnreadableImageError(DataError):
+    """An image that cannot be decoded, met by the process whose shard holds it (the others do not see it)."""
+    rank_specific = True
+
+
 def _pil_rgb(path: str) -> Image.Image:
     with open(path, 'rb') as f:
         img = Image.open(f)
@@ -120,8 +125,8 @@ class SafeImageFolder(ImageFolder):
                 img = self.loader(path)
             except _DECODE_ERRORS as e:
                 if not self.skip_corrupt:
-                    raise DataError(f"unreadable image '{path}': {type(e).__name__}: {e} "
-                                    f"(remove or replace the file)") from None
+                    raise UnreadableImageError(f"unreadable image '{path}': {type(e).__name__}: {e} "
+                                               f"(remove or replace the file)") from None
                 skipped += 1
                 msg = f"skipping unreadable training image '{path}': {type(e).__name__}"
                 if self.logger is not None:

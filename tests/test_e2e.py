@@ -135,3 +135,21 @@ def test_official_mg_ssaf_checkpoint_evaluates_through_main(tmp_path, digits_dir
                   launcher='python')
     assert re.search(r'dropped \d+ parameters the official forward never uses', proc.stdout)
     assert len(top1(proc.stdout)) == 1
+
+
+def test_official_msg_training_checkpoint_resumes_through_main(tmp_path, digits_dir):
+    """--resume of a file written by the official save_checkpoint (tests/fixtures/official_msg_train.pth, epoch 1,
+    best 42.5): training continues at epoch 2 with the official optimizer state and best accuracy."""
+    ckpt = os.path.join(ROOT, 'tests', 'fixtures', 'official_msg_train.pth')
+    arch = ['MODEL.MSG.EMBED_DIM', '4', 'MODEL.MSG.DEPTHS', '[1, 1, 1, 1]', 'MODEL.MSG.NUM_HEADS', '[1, 1, 2, 2]',
+            'MODEL.MSG.WINDOW_SIZE', '2', 'MODEL.MSG.SHUF_SIZE', '[2, 2, 2, 1]']
+    proc = launch(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path), '--resume', ckpt,
+                   '--opts', 'TRAIN.EPOCHS', '3', *arch, *FAST], launcher='python')
+    assert "resume: official-format checkpoint" in proc.stdout and 'continuing at epoch 2 (best top-1 so far 42.500)' in proc.stdout
+    restored = re.search(r'optimizer state restored for (\d+) of (\d+) parameters', proc.stdout)
+    assert restored and restored.group(1) == restored.group(2)
+    assert 'Train: [2/3]' in proc.stdout and 'Train: [1/3]' not in proc.stdout
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, 'msg_demo', 'default', 'metrics.jsonl'))]
+    assert [r['epoch'] for r in rows] == [2]
+    best = os.path.join(tmp_path, 'msg_demo', 'default', 'best.pth')
+    assert os.path.exists(best) == (rows[0]['val_acc1'] > 42.5)    # the official best counts

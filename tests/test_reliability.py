@@ -309,3 +309,90 @@ def test_nonfinite_on_one_rank_skips_the_update_on_all(tmp_path):
     assert r0['stats']['nonfinite_steps'] == r1['stats']['nonfinite_steps'] == 1    # both skipped update 3
     assert all(torch.equal(a, b) for a, b in zip(r0['params'], r1['params']))      # and stayed identical
     assert all(torch.isfinite(p).all() for p in r0['params'])
+
+
+TINY = ['MODEL.MSG.EMBED_DIM', '4', 'MODEL.MSG.DEPTHS', '[1, 1, 1, 1]', 'MODEL.MSG.NUM_HEADS', '[1, 1, 2, 2]',
+        'MODEL.MSG.WINDOW_SIZE', '2', 'MODEL.MSG.SHUF_SIZE', '[2, 2, 2, 1]']   # ~0.4 MB checkpoints
+
+
+def test_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, digits_dir):
+    a_file = tmp_path / 'taken'
+    a_file.write_text('not a folder')
+    base = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--opts', 'TRAIN.EPOCHS', '1', *FAST]
+    assert_one_line_error(main_py(base + ['--output', str(a_file)]), r"'.*taken' is a file, not a folder")
+    frozen = tmp_path / 'frozen'
+    frozen.mkdir()
+    if subprocess.run(['chattr', '+i', str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip('chattr +i is not available here')
+    try:
+        assert_one_line_error(main_py(base + ['--output', str(frozen)]), r"output folder '.*frozen.*' is not writable")
+    finally:
+        subprocess.run(['chattr', '-i', str(frozen)])
+
+
+def test_failed_checkpoint_write_names_the_cause_and_keeps_the_previous(tmp_path, monkeypatch):
+    """torch.save's own error for a full disk is 'enforce fail at inline_container.cc ... unexpected pos'."""
+    import builtins
+    import errno
+    from checkpoint import CheckpointError, save_checkpoint
+    path = str(tmp_path / 'ckpt_epoch_0.pth')
+    save_checkpoint(path, {'w': torch.ones(10)})
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+    monkeypatch.setattr(builtins, 'open', lambda p, *a, **k: Full(real_open(p, *a, **k)) if '.tmp.' in str(p)
+                        else real_open(p, *a, **k))
+    with pytest.raises(CheckpointError, match=r"could not write '.*ckpt_epoch_0.pth': No space left on device "
+                                              r"\(the previous checkpoint is kept\)"):
+        save_checkpoint(path, {'w': torch.ones(100000)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth'] and torch.load(path)['w'].shape == (10,)
+
+
+def test_full_disk_during_training_is_one_line(tmp_path, digits_dir):
+    """A real full file system (a 1 MB tmpfs): the epoch-0 files fit, the epoch-1 checkpoint does not."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        proc = main_py(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(disk),
+                        '--opts', 'TRAIN.EPOCHS', '3', *TINY, *FAST], timeout=300)
+        assert_one_line_error(proc, r"could not write '.*ckpt_epoch_\d.pth': No space left on device "
+                                    r"\(the previous checkpoint is kept\)|could not write '.*best.pth'")
+        run_dir = disk / 'msg_demo' / 'default'
+        assert 'ckpt_epoch_0.pth' in os.listdir(run_dir) and not [p for p in os.listdir(run_dir) if '.tmp.' in p]
+        torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)            # intact
+    finally:
+        subprocess.run(['umount', str(disk)])
+
+
+@pytest.mark.parametrize('launcher', ['torchrun', 'launch'])
+def test_an_error_every_rank_hits_is_printed_once_under_a_launcher(tmp_path, digits_dir, launcher):
+    """Each rank exits 2; rank 0 alone prints the line (before the launcher's ChildFailedError report, which then
+    exits 1)."""
+    module = 'torch.distributed.run' if launcher == 'torchrun' else 'torch.distributed.launch'
+    cmd = [PYTHON, '-m', module, '--nproc_per_node', '2', '--master_port', str(free_port()),
+           os.path.join(ROOT, 'main.py'), '--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path),
+           '--opts', 'TRAIN.EPOHCS', '1']
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if 'error:' in ln and 'did you mean' in ln]
+    assert lines == ["error: unknown config key 'TRAIN.EPOHCS' in --opts (did you mean 'TRAIN.EPOCHS'?)"], proc.stderr
+    assert proc.returncode == 1 and 'exitcode  : 2' in proc.stderr

@@ -305,3 +305,18 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
     pages = 10 * 64 * 2**20 // os.sysconf('SC_PAGE_SIZE')
     assert out['default'][1] > pages // 2  # each 64 MB block is mmapped and faulted in again ...
     assert out['keep'][1] < pages // 20    # ... unless the heap keeps it
+
+
+@pytest.mark.parametrize('decay', [True, False])
+def test_msg_tokens_weight_decay_follows_the_switch(decay):
+    """Official recipe (default): the MSG tokens are decayed, as its no_weight_decay() names no real parameter;
+    MODEL.MSG.DECAY_MSG_TOKENS False exempts them. Bias tables stay exempt either way."""
+    from models import build_model
+    cfg = _cfg('MODEL.MSG.EMBED_DIM', '16', 'MODEL.MSG.DEPTHS', '[1, 1, 1, 1]', 'MODEL.MSG.NUM_HEADS', '[1, 1, 1, 1]',
+               'MODEL.MSG.DECAY_MSG_TOKENS', str(decay))
+    model = build_model(cfg)
+    decayed, exempt = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, exempt = {names[id(p)] for p in decayed['params']}, {names[id(p)] for p in exempt['params']}
+    assert ('msg_tokens' in decayed) == decay and ('msg_tokens' in exempt) != decay
+    assert not any('relative_position_bias_table' in n or 'rel_pos_msg' in n for n in decayed)
