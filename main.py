@@ -28,7 +28,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from config import ConfigError, config_notes, get_config
-from data import DataError, build_loader
+from data import Data, DataError, build_loader
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
 from lr_scheduler import ScheduleClock, build_scheduler
@@ -182,10 +182,9 @@ def create_model(run: Run) -> nn.Module:
     return model.to(run.device)
 
 
-def evaluate_only(run: Run, model: nn.Module) -> int:
+def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
     """``--eval`` / ``--throughput``: load the weights, then measure."""
     config, logger = run.config, run.logger
-    data = build_loader(config, run.rank, run.world_size, logger, train=False, device=run.device)
     if config.MODEL.RESUME:
         ckpt = load_checkpoint_file(config.MODEL.RESUME)
         load_model_weights(model, extract_state_dict(ckpt, config.MODEL.RESUME), config.MODEL.RESUME, logger)
@@ -203,10 +202,9 @@ def evaluate_only(run: Run, model: nn.Module) -> int:
     return 0
 
 
-def train(run: Run, model: nn.Module) -> int:
+def train(run: Run, data: Data, model: nn.Module) -> int:
     """Train (or continue training) and evaluate after every epoch; checkpoints in the output folder."""
     config, logger, device, rank, world_size = run.config, run.logger, run.device, run.rank, run.world_size
-    data = build_loader(config, rank, world_size, logger, train=True, device=device)
     if data.mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f'mixup/cutmix needs an even batch size per process, got {config.DATA.BATCH_SIZE}')
     if config.TRAIN.USE_CHECKPOINT:
@@ -335,12 +333,13 @@ def train(run: Run, model: nn.Module) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """config -> distributed -> model -> evaluation only, or data -> optimiser / schedule -> checkpoint -> loop."""
+    """config -> distributed -> data -> model -> evaluation only, or optimiser / schedule -> checkpoint -> loop."""
     run_ = setup(args)
+    config = run_.config
+    eval_only = config.EVAL_MODE or config.THROUGHPUT_MODE
+    data = build_loader(config, run_.rank, run_.world_size, run_.logger, train=not eval_only, device=run_.device)
     model = create_model(run_)
-    if run_.config.EVAL_MODE or run_.config.THROUGHPUT_MODE:
-        return evaluate_only(run_, model)
-    return train(run_, model)
+    return evaluate_only(run_, data, model) if eval_only else train(run_, data, model)
 
 
 def _tensorboard(output_dir: str):

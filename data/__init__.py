@@ -1,4 +1,4 @@
 """Data: ImageNet-style folders, timm transforms and mixup, distributed samplers."""
-from .build import DataError, build_loader, build_mixup, build_transform, check_data_folder
+from .build import Data, DataError, build_loader, build_mixup, build_transform, check_data_folder
 
-__all__ = ['DataError', 'build_loader', 'build_mixup', 'build_transform', 'check_data_folder']
+__all__ = ['Data', 'DataError', 'build_loader', 'build_mixup', 'build_transform', 'check_data_folder']
