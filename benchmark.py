@@ -4,6 +4,7 @@
         --timm swin_tiny_patch4_window7_224 [--batch-size 8] [--threads 2] [--compile] [--channels-last] \
         [--amp-dtype bfloat16] [--device cuda] [--json out.json] [--rounds 3] [--keep-freed-memory] \
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
+        [--onnxruntime]                     # and each --cfg model exported to ONNX, in ONNX Runtime
 
 Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
 warm-up, synchronised on CUDA; ``--rounds N`` repeats the whole list N times round-robin and reports each
@@ -14,16 +15,24 @@ backward + AdamW step in train mode (for our models, the optimiser main.py build
 models and timm's, ``torch.optim.AdamW`` as their training scripts build it). Peak memory is the CUDA
 allocator's peak on GPU and the process's peak resident set size (RSS) on CPU. Weights are random: speed does
 not depend on them.
+
+``--onnxruntime`` exports each ``--cfg`` model once (``deploy.export_onnx``, as ``tools/export_onnx.py`` does; in a
+process of its own, not timed) and adds a row that times the file in an ONNX Runtime session with the same batch,
+input size and threads (``intra_op_num_threads``), float32: inference and latency only (no training step), peak
+RSS of a process that holds only the session.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -86,8 +95,37 @@ def _median_seconds(fn, sync, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def export_for_benchmark(spec: dict, args: dict) -> dict:
+    """Runs in a child process: the ``cfg`` model of ``spec`` (random weights, eval) written to ``spec['onnx']``."""
+    import torch
+    from deploy import export_onnx
+    torch.manual_seed(0)
+    model, size, name, _ = _build({'kind': 'cfg', 'name': spec['name']}, args['img_size'])
+    export_onnx(model.eval(), torch.randn(2, 3, size, size), spec['onnx'])
+    return {'model': name, 'img_size': size, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def measure_onnxruntime(spec: dict, args: dict) -> dict:
+    """Runs in a child process: time the exported file in ONNX Runtime (inference and batch-1 latency)."""
+    import torch
+    from deploy import onnx_session, run_session
+    torch.set_num_threads(args['threads'])
+    session = onnx_session(spec['onnx'], torch.device(args['device']), threads=args['threads'])
+    size, b = spec['img_size'], args['batch_size']
+    torch.manual_seed(0)
+    x = torch.randn(b, 3, size, size)
+    x1 = x[:1].clone()
+    t_inf = _median_seconds(lambda: run_session(session, x), lambda: None, args['min_time'])
+    t_lat = _median_seconds(lambda: run_session(session, x1), lambda: None, args['min_time'])
+    return {'model': f"{spec['model']} (onnxruntime)", 'img_size': size, 'params_m': spec['params_m'], 'batch': b,
+            'infer_img_s': b / t_inf, 'latency_ms': 1000 * t_lat, 'train_step_s': None, 'train_img_s': None,
+            'peak_mem_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def measure(spec: dict, args: dict) -> dict:
     """Runs in a child process: build, then time inference, latency and a train step."""
+    if spec['kind'] == 'onnxruntime':
+        return measure_onnxruntime(spec, args)
     import torch
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
@@ -153,18 +191,19 @@ def measure(spec: dict, args: dict) -> dict:
             'train_img_s': b / t_train, 'peak_mem_mb': peak_mb}
 
 
-def _child(spec, args, queue):
+def _child(fn, spec, args, queue):
     sys.path.insert(0, ROOT)
     try:
-        queue.put(measure(spec, args))
+        queue.put(fn(spec, args))
     except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
         queue.put({'model': spec['name'], 'error': f'{type(e).__name__}: {e}'})
 
 
-def run_isolated(spec: dict, args: dict) -> dict:
+def run_isolated(spec: dict, args: dict, fn=measure) -> dict:
+    """``fn(spec, args)`` (``measure`` or ``export_for_benchmark``) in a fresh process; its result or an error row."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(spec, args, queue))
+    proc = ctx.Process(target=_child, args=(fn, spec, args, queue))
     proc.start()
     while True:
         try:
@@ -189,8 +228,8 @@ def _median_row(results: list[dict]) -> dict:
     row = dict(ok[0], rounds=len(ok))
     if len(results) > 1:  # every round's figures (JSON), for the spread of side-by-side ratios
         row['per_round'] = {key: [r.get(key) for r in results] for key in TIMINGS}
-    for key in TIMINGS:
-        row[key] = statistics.median(r[key] for r in ok)
+    for key in TIMINGS:  # None: not measured for this row (ONNX Runtime has no training step)
+        row[key] = None if ok[0][key] is None else statistics.median(r[key] for r in ok)
     row['peak_mem_mb'] = max(r['peak_mem_mb'] for r in ok)
     return row
 
@@ -207,31 +246,47 @@ def format_table(rows: list[dict], args: dict) -> str:
         if 'error' in r:
             lines.append(f"{r['model']:34s} error: {r['error']}")
             continue
+        train = (f"{r['train_step_s']:12.3f} {r['train_img_s']:11.2f}" if r['train_step_s'] is not None
+                 else f"{'-':>12s} {'-':>11s}")
         lines.append(f"{r['model']:34s} {r['img_size']:4d} {r['params_m']:6.1f}M {r['infer_img_s']:11.2f} "
-                     f"{r['latency_ms']:10.1f} {r['train_step_s']:12.3f} {r['train_img_s']:11.2f} {r['peak_mem_mb']:8.0f}")
+                     f"{r['latency_ms']:10.1f} {train} {r['peak_mem_mb']:8.0f}")
     return '\n'.join(lines)
 
 
+def _ratio(ours: dict, ref: dict, key: str, faster_is_larger: bool, label: str) -> str:
+    """'x1.23 <label>' (> 1: ``ours`` is faster) and, over several rounds, the spread of the per-round ratios."""
+    a, b = (ours, ref) if faster_is_larger else (ref, ours)
+    text = f"x{a[key] / b[key]:.2f} {label}"
+    pairs = [(x, y) for x, y in zip(a.get('per_round', {}).get(key, []), b.get('per_round', {}).get(key, []))
+             if x is not None and y is not None]
+    if len(pairs) > 1:  # the same round measured both back to back
+        per_round = [x / y for x, y in pairs]
+        text += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
+    return text
+
+
 def _print_ratios(rows: list[dict]) -> None:
-    """ours / official for every model measured both ways."""
+    """ours / official for every model measured both ways; ONNX Runtime / eager (and / official) for every
+    exported model."""
     by_name = {r['model']: r for r in rows if 'error' not in r}
     for name, off in by_name.items():
         if not name.endswith(' (official)') or name[:-len(' (official)')] not in by_name:
             continue
         ours = by_name[name[:-len(' (official)')]]
-
-        def ratio(key: str, faster_is_larger: bool, label: str) -> str:
-            a, b = (ours, off) if faster_is_larger else (off, ours)
-            text = f"x{a[key] / b[key]:.2f} {label}"
-            pairs = [(x, y) for x, y in zip(a.get('per_round', {}).get(key, []), b.get('per_round', {}).get(key, []))
-                     if x is not None and y is not None]
-            if len(pairs) > 1:  # the same round measured both back to back
-                per_round = [x / y for x, y in pairs]
-                text += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
-            return text
-        print(f"{ours['model']}: {ratio('infer_img_s', True, 'inference')}, {ratio('latency_ms', False, 'latency')}, "
-              f"{ratio('train_step_s', False, 'train step')}, "
+        print(f"{ours['model']}: {_ratio(ours, off, 'infer_img_s', True, 'inference')}, "
+              f"{_ratio(ours, off, 'latency_ms', False, 'latency')}, "
+              f"{_ratio(ours, off, 'train_step_s', False, 'train step')}, "
               f"peak memory {ours['peak_mem_mb']:.0f} vs {off['peak_mem_mb']:.0f} MB (ours vs official)")
+    for name, ort in by_name.items():
+        base = name[:-len(' (onnxruntime)')]
+        if not name.endswith(' (onnxruntime)'):
+            continue
+        parts = [f"{_ratio(ort, ref, 'infer_img_s', True, 'inference')}, "
+                 f"{_ratio(ort, ref, 'latency_ms', False, 'latency')} vs {what}"
+                 for what, ref in (('eager', by_name.get(base)), ('official', by_name.get(f'{base} (official)')))
+                 if ref is not None]
+        if parts:
+            print(f"{name}: " + '; '.join(parts))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -257,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              'hustvl/MSG-Transformer at DIR (for side-by-side ratios)')
     parser.add_argument('--official-mgssaf', default='', metavar='DIR',
                         help='likewise for MG-SSAF, from a checkout of shuaiyang11/MG-SSAF')
+    parser.add_argument('--onnxruntime', action='store_true',
+                        help='also time each --cfg model exported to ONNX in ONNX Runtime (float32; inference and '
+                             'latency; needs requirements-onnx.txt)')
     ns = parser.parse_args(argv)
     if not ns.cfg and not ns.timm:
         parser.error('name at least one --cfg or --timm model')
@@ -265,8 +323,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path in ns.cfg:
         if not os.path.isfile(path):
             parser.error(f"config file not found: '{path}'")
+    if ns.onnxruntime:
+        missing = [m for m in ('onnx', 'onnxscript', 'onnxruntime') if importlib.util.find_spec(m) is None]
+        if missing:
+            parser.error(f"--onnxruntime needs {', '.join(missing)}: pip install -r requirements-onnx.txt")
     args = {k: getattr(ns, k) for k in ('batch_size', 'img_size', 'threads', 'device', 'compile', 'channels_last',
                                         'amp_dtype', 'min_time', 'keep_freed_memory')}
+    onnx_dir = tempfile.mkdtemp(prefix='benchmark-onnx-') if ns.onnxruntime else ''
     specs = []
     for path in ns.cfg:
         specs.append({'kind': 'cfg', 'name': path})
@@ -274,12 +337,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         root = ns.official_msg if load_config_file(path).MODEL.TYPE == 'msg' else ns.official_mgssaf
         if root:
             specs.append({'kind': 'official', 'name': path, 'root': root})
+        if ns.onnxruntime:
+            specs.append({'kind': 'onnxruntime', 'name': path, 'onnx': os.path.join(onnx_dir, f'{len(specs)}.onnx')})
     specs += [{'kind': 'timm', 'name': n} for n in ns.timm]
     runs = [[] for _ in specs]
-    for r in range(ns.rounds):  # round-robin: a slow spell of a shared machine hits every model alike
-        for spec, results in zip(specs, runs):
-            results.append(run_isolated(spec, args))
-            print(f"round {r + 1}/{ns.rounds}: measured {results[-1]['model']}", file=sys.stderr, flush=True)
+    try:
+        for spec in specs:
+            if spec['kind'] == 'onnxruntime':  # once, before the timed rounds
+                exported = run_isolated(spec, args, export_for_benchmark)
+                spec.update(exported)
+                print(f"exported {spec['model']} to ONNX", file=sys.stderr, flush=True)
+        for r in range(ns.rounds):  # round-robin: a slow spell of a shared machine hits every model alike
+            for spec, results in zip(specs, runs):
+                if 'error' in spec:  # its export failed
+                    results.append({'model': f"{spec['model']} (onnxruntime)", 'error': spec['error']})
+                    continue
+                results.append(run_isolated(spec, args))
+                print(f"round {r + 1}/{ns.rounds}: measured {results[-1]['model']}", file=sys.stderr, flush=True)
+    finally:
+        if onnx_dir:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
     rows = [_median_row(results) for results in runs]
     print(format_table(rows, args))
     _print_ratios(rows)

@@ -64,7 +64,8 @@ Speed (exact shortcuts, same function)
   (~10% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
   path and its residual add are one ``addcmul`` (timm's random draws).
 * The downsample convs, which read channels-last views, keep channels-last weights (no reorder per call).
-* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
+* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's;
+  ``torch.export`` (ONNX export), which traces under one, keeps the MSG-only last block.
 
 Weight decay
 ------------
@@ -139,7 +140,10 @@ def window_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int, g
     ws, gs = window_size, group_size
     nGh, nGw = H // (ws * gs), W // (ws * gs)
     out = patches.new_empty(B, nGh * nGw * gs * gs, 1 + ws * ws, C)  # B, nW, N, C
-    out[:, :, 0].view(B, nGh, nGw, gs, gs, C).copy_(msgs.permute(0, 1, 3, 2, 4, 5))
+    # The explicit expand (a view: same speed) is for the ONNX exporter, whose copy_ keeps the source's shape
+    # instead of broadcasting it (onnxscript's aten_copy is CastLike(src, self)): the first stage's shared MSG
+    # tokens (batch 1, not B) met a Reshape to (B, nW, C), and ONNX Runtime rejected the file.
+    out[:, :, 0].view(B, nGh, nGw, gs, gs, C).copy_(msgs.expand(B, nGh, gs, nGw, gs, C).permute(0, 1, 3, 2, 4, 5))
     out[:, :, 1:].view(B, nGh, nGw, gs, gs, ws, ws, C).copy_(
         patches.view(B, nGh, gs, ws, nGw, gs, ws, C).permute(0, 1, 4, 2, 5, 3, 6, 7))
     return out
@@ -577,7 +581,9 @@ class MSGTransformer(nn.Module):
         only the MSG tokens of the last stage are computed in its last block: (B, nW, 1, C), else (B, nW, N, C)."""
         x, (H, W) = self._embed(x)
         maps = []
-        msg_only = not keep_maps and not in_dispatch_mode()  # only the MSG tokens of the last block are read
+        # Only the MSG tokens of the last block are read. Dispatch modes (FLOP counter) see the full official path;
+        # torch.export also traces under one, and its graph (ONNX) should keep the shortcut.
+        msg_only = not keep_maps and (torch.compiler.is_exporting() or not in_dispatch_mode())
         for i, stage in enumerate(self.layers):
             x = stage(x, msg_only=msg_only and i == len(self.layers) - 1)
             if keep_maps:

@@ -1,6 +1,7 @@
 """benchmark.py measures what it says (its timings are not checked here: speed lives in the benchmark)."""
 import json
 import os
+import re
 
 import pytest
 
@@ -52,3 +53,30 @@ def test_bad_arguments_are_one_line(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert ' error: ' in err[-1] and 'Traceback' not in '\n'.join(err)
+
+
+def test_onnxruntime_row_beside_eager(tmp_path, capsys):
+    """--onnxruntime exports the model once and times the file in ONNX Runtime in the same table."""
+    for module in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(module, reason=f'optional ONNX dependency {module} missing: '
+                                           f'pip install -r requirements-onnx.txt')
+    out = tmp_path / 'bench.json'
+    rc = benchmark.main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--onnxruntime', '--batch-size', '2',
+                         '--threads', '1', '--min-time', '0.05', '--json', str(out)])
+    assert rc == 0
+    eager, ort = json.loads(out.read_text())['results']
+    assert (eager['model'], ort['model']) == ('msg_demo', 'msg_demo (onnxruntime)')
+    assert 'error' not in ort and ort['batch'] == 2 and ort['img_size'] == 64 and ort['params_m'] == eager['params_m']
+    assert ort['infer_img_s'] > 0 and ort['latency_ms'] > 0 and ort['train_step_s'] is None
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith('msg_demo (onnxruntime)'))
+    assert row.split()[-3:-1] == ['-', '-']                            # no training step
+    assert any(re.match(r'msg_demo \(onnxruntime\): x[\d.]+ inference, x[\d.]+ latency vs eager$', line)
+               for line in lines), lines
+
+
+def test_median_row_keeps_unmeasured_timings_empty():
+    rounds = [{'model': 'm (onnxruntime)', 'infer_img_s': v, 'latency_ms': v, 'train_step_s': None,
+               'train_img_s': None, 'peak_mem_mb': 1.0} for v in (1.0, 3.0)]
+    row = benchmark._median_row(rounds)
+    assert row['infer_img_s'] == 2.0 and row['train_step_s'] is None and row['train_img_s'] is None

@@ -1,0 +1,89 @@
+"""Export a checkpoint to ONNX with a dynamic batch, and prove the file computes what the eager model does.
+
+    python tools/export_onnx.py --cfg configs/msg_demo.yaml --resume best.pth model.onnx \
+        [--opts DATA.IMG_SIZE 128] [--batch-size 2] [--rtol 1e-5] [--debug]
+
+The model is traced at ``--batch-size`` (the batch stays a symbol: ``deploy.export_onnx``), then the file is run
+in ONNX Runtime at batch 1 and at ``--batch-size`` (2 if that is 1) and compared with the eager model on the
+same input (max |ONNX Runtime - eager| / max |eager| <= ``--rtol``). Only then is the file renamed to ``OUT``:
+a failed export or check exits with code 1 and leaves no file at ``OUT`` (an older one there stays as it was).
+Config and checkpoint errors exit with code 2. The file carries the class names and the preprocessing in its
+metadata for ``predict.py --onnx`` (``deploy`` module docstring). Needs ``requirements-onnx.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import CheckpointError  # noqa: E402
+from config import ConfigError, load_config_file  # noqa: E402
+from deploy import (EXPORT_RTOL, ExportError, build_inference_model, check_onnx_against_eager,  # noqa: E402
+                    export_onnx, onnx_metadata, require)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
+    parser.add_argument('--resume', required=True, metavar='CKPT', help='checkpoint to export (ours or official)')
+    parser.add_argument('--opts', nargs='+', default=None, help="config overrides, 'KEY VALUE' pairs")
+    parser.add_argument('--batch-size', type=int, default=2, help='batch the model is traced at (default 2)')
+    parser.add_argument('--rtol', type=float, default=EXPORT_RTOL,
+                        help=f'largest accepted relative error of ONNX Runtime vs eager (default {EXPORT_RTOL:.0e})')
+    parser.add_argument('--debug', action='store_true', help='show Python tracebacks')
+    parser.add_argument('out', help='the .onnx file to write')
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error('--batch-size must be >= 1')
+    return args
+
+
+def export(args: argparse.Namespace) -> str:
+    """Export, check, rename into place; returns the success line."""
+    for module in ('onnx', 'onnxscript', 'onnxruntime'):  # all three, before any work
+        require(module)
+    config = load_config_file(args.cfg, args.opts)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output folder '{out_dir}' does not exist")
+    torch.manual_seed(0)
+    model, class_names = build_inference_model(config, args.resume)
+    size = config.DATA.IMG_SIZE
+    sizes = sorted({1, max(2, args.batch_size)})
+    tmp = f'{os.path.abspath(args.out)}.tmp.{os.getpid()}'
+    try:
+        export_onnx(model, torch.randn(args.batch_size, 3, size, size), tmp, onnx_metadata(config, class_names))
+        errors = check_onnx_against_eager(model, tmp, size, sizes, rtol=args.rtol)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    checked = ', '.join(f'{err:.1e} at batch {b}' for b, err in errors)
+    names = f'{len(class_names)} class names' if class_names else 'no class names (indices)'
+    return (f"wrote {args.out} ({config.MODEL.NAME}, {size}x{size}, dynamic batch, {names}): ONNX Runtime vs eager "
+            f"max relative error {checked} (tolerance {args.rtol:.0e})")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        print(export(args), flush=True)
+        return 0
+    except (ConfigError, CheckpointError) as e:
+        if args.debug:
+            raise
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 2
+    except ExportError as e:
+        if args.debug:
+            raise
+        print(f'error: {e}; {args.out} was not written', file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
