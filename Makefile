@@ -9,7 +9,7 @@ MODEL  ?= msg
 EPOCHS ?=
 
 .PHONY: demo test bench clean-env
-$(STAMP): requirements.txt requirements-demo.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-demo.txt requirements-dev.txt requirements-onnx.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
