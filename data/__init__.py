@@ -1,4 +1,6 @@
 """Data: ImageNet-style folders, timm transforms and mixup, distributed samplers."""
-from .build import DataError, build_loader, build_mixup, build_transform, check_data_folder
+from .build import (DataError, UnsupportedImageError, build_loader, build_mixup, build_transform, check_data_folder,
+                    check_image_headers, count_images, describe_split, list_classes, list_images, to_rgb)
 
-__all__ = ['DataError', 'build_loader', 'build_mixup', 'build_transform', 'check_data_folder']
+__all__ = ['DataError', 'UnsupportedImageError', 'build_loader', 'build_mixup', 'build_transform', 'check_data_folder',
+           'check_image_headers', 'count_images', 'describe_split', 'list_classes', 'list_images', 'to_rgb']

@@ -218,7 +218,8 @@ def test_zero_given_to_an_int_flag_is_not_dropped(monkeypatch):
         else:
             assert _key(cfg, key) == 0
     for value in ('0', '-3'):
-        with pytest.raises(ConfigError, match=rf'^DATA.BATCH_SIZE \(--batch-size\) must be an integer >= 1, got {value}$'):
+        message = rf'^DATA.BATCH_SIZE \(--batch-size\) must be an integer >= 1, got {value}$'
+        with pytest.raises(ConfigError, match=message):
             get_config(main.parse_option(['--cfg', DEMO, '--batch-size', value]))
     with pytest.raises(ConfigError, match=r'TRAIN.ACCUMULATION_STEPS \(--accumulation-steps\) must be an integer >= 1'):
         get_config(main.parse_option(['--cfg', DEMO, '--accumulation-steps', '0']))
