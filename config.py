@@ -512,9 +512,9 @@ def _manip_types() -> tuple[str, ...]:
 
 
 RGB_CHANNELS = 3  # the loader gives every image as 8-bit RGB (data/build.py)
-# Interpolations both timm's training transform and torchvision's Resize take; 'random' is timm's (training only;
-# evaluation then uses bicubic).
-INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos', 'random')
+# Interpolations that timm's training transform (RandAugment's affine ops included: Pillow's transform() takes
+# only these three) and torchvision's Resize both take; 'random' is timm's, for training (evaluation uses bicubic).
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'random')
 
 _UNIT = Real('[0, 1]')
 _UNIT_OPEN = Real('[0, 1)')
