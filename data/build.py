@@ -104,7 +104,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new('RGBA', img.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, img.convert('RGBA')).convert('RGB')
     if mode in _TO_RGB:
-        return img if mode == 'RGB' else img.convert('RGB')
+        return img.convert('RGB')  # for RGB a copy, as before: detached from the (closed) file
     values = np.asarray(img)
     if mode == 'F':
         if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
