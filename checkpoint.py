@@ -57,6 +57,12 @@ class _restricted_pickle:  # noqa: N801 - stands in for the ``pickle`` module in
 def load_checkpoint_file(path: str) -> dict:
     """Read a checkpoint safely: ``torch.load(weights_only=True)``; for official checkpoints that pickle a yacs
     ``CfgNode``, the same allow-list plus that one class. Anything else in the pickle is refused unexecuted."""
+    if path and os.path.isdir(path):
+        inside = list_checkpoints(path) + [p for p in (os.path.join(path, n) for n in ('last.pth', 'best.pth'))
+                                           if os.path.isfile(p)]
+        newest = max(inside, key=os.path.getmtime) if inside else None
+        hint = f"; pass a file in it, e.g. '{newest}'" if newest else '; pass a checkpoint file (.pth)'
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file{hint}")
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: '{path}'")
     if os.path.getsize(path) == 0:

@@ -1,7 +1,9 @@
 """Configuration: yacs defaults, YAML files with ``BASE`` inheritance, command-line overrides.
 
 The config is the single source of truth for the architecture and the run. ``get_config(args)`` returns a
-frozen ``CfgNode``; ``main.py`` writes it to ``<OUTPUT>/config.yaml`` so every run can be reproduced.
+frozen ``CfgNode``; ``main.py`` writes it to ``<OUTPUT>/config.yaml`` so every run can be reproduced. Every value
+is checked against its rule in ``RULES`` (range, choices, list length) when the config is read, so a bad value
+ends in one ``ConfigError`` naming the key before any work is done.
 Keys and defaults follow Swin-Transformer's ``config.py`` (which both official repositories fork), so the
 official YAMLs and ``--opts`` overrides work unchanged.
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
+import math
 import os
-from typing import Any, Iterable, Optional
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -100,10 +104,10 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.LR_SCALE_BATCH = 512        # the official code scales LRs by total_batch / 512
 _C.TRAIN.CLIP_GRAD = 5.0             # max grad norm; 0 or None disables clipping
 _C.TRAIN.AUTO_RESUME = True
-_C.TRAIN.ACCUMULATION_STEPS = 1      # 0 and 1 both mean no accumulation
+_C.TRAIN.ACCUMULATION_STEPS = 1      # batches per optimiser update; 1 = no accumulation
 _C.TRAIN.USE_CHECKPOINT = False      # gradient checkpointing per block
 _C.TRAIN.COMPILE = False             # torch.compile the model (falls back to eager on failure)
-_C.TRAIN.KEEP_CHECKPOINTS = 3        # ckpt_epoch_*.pth kept in OUTPUT (best.pth is kept apart)
+_C.TRAIN.KEEP_CHECKPOINTS = 3        # ckpt_epoch_*.pth kept in OUTPUT, 0 = all (best.pth is kept apart)
 _C.TRAIN.MAX_NONFINITE_STEPS = 10    # stop after this many non-finite losses in a row
 
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -245,11 +249,17 @@ def variant_files() -> dict[str, str]:
 def _yaml_chain(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """The files merged for ``path`` in order: its ``BASE`` files (recursively), then the file itself."""
     path = os.path.normpath(path)
-    if os.path.realpath(path) in {os.path.realpath(p) for p in chain}:
-        raise ConfigError(f"BASE cycle {' -> '.join(chain + (path,))}")
+    real = [os.path.realpath(p) for p in chain]
+    if os.path.realpath(path) in real:  # a cycle: name the loop instead of recursing until Python gives up
+        raise ConfigError('BASE cycle ' + ' -> '.join(chain[real.index(os.path.realpath(path)):] + (path,)))
     data = _load_yaml(path)
+    bases = data.pop('BASE', None) or ['']
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"BASE in '{path}' must be a list of YAML file names, got {bases!r}")
     files = []
-    for base in data.pop('BASE', None) or ['']:
+    for base in bases:
         if base:
             files += _yaml_chain(os.path.join(os.path.dirname(path), base), chain + (path,))
     return files + [(path, data)]
@@ -316,6 +326,37 @@ def merge_opts(config: CN, opts: list[str]) -> None:
         node[leaf] = new
 
 
+# Command-line flags that carry a value, by argparse ``dest``: the config key each one sets. A flag is given when
+# its value is not None, so ``--batch-size 0`` reaches the config (and is refused there) instead of being dropped.
+FLAG_KEYS = {
+    'batch_size': 'DATA.BATCH_SIZE',
+    'data_path': 'DATA.DATA_PATH',
+    'pretrained': 'MODEL.PRETRAINED',
+    'resume': 'MODEL.RESUME',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
+    'amp_dtype': 'AMP_DTYPE',
+    'device': 'DEVICE',
+    'output': 'OUTPUT',
+    'tag': 'TAG',
+}
+# Switches (``store_true``): the key each one sets, and to what, when it is on.
+SWITCH_KEYS = {
+    'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True),
+    'compile': ('TRAIN.COMPILE', True),
+    'disable_amp': ('AMP_ENABLE', False),
+    'eval': ('EVAL_MODE', True),
+    'throughput': ('THROUGHPUT_MODE', True),
+}
+
+
+def _set_key(config: CN, key: str, value: Any) -> None:
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
 def update_config(config: CN, args: Any) -> None:
     """Apply the YAML in ``args.cfg``, then ``--opts``, then the dedicated command-line flags."""
     if getattr(args, 'cfg', None):
@@ -323,48 +364,16 @@ def update_config(config: CN, args: Any) -> None:
     config.defrost()
     if getattr(args, 'opts', None):
         merge_opts(config, args.opts)
-
-    def _given(name: str) -> Optional[Any]:
-        return getattr(args, name, None)
-
-    if _given('batch_size'):
-        config.DATA.BATCH_SIZE = args.batch_size
-    if _given('data_path'):
-        config.DATA.DATA_PATH = args.data_path
-    if _given('pretrained'):
-        config.MODEL.PRETRAINED = args.pretrained
-    if _given('resume'):
-        config.MODEL.RESUME = args.resume
-    if _given('accumulation_steps'):
-        config.TRAIN.ACCUMULATION_STEPS = args.accumulation_steps
-    if _given('use_checkpoint'):
-        config.TRAIN.USE_CHECKPOINT = True
-    if _given('compile'):
-        config.TRAIN.COMPILE = True
-    if _given('amp_opt_level'):
+    for dest, key in FLAG_KEYS.items():
+        if getattr(args, dest, None) is not None:
+            _set_key(config, key, getattr(args, dest))
+    if getattr(args, 'amp_opt_level', None):
         config.AMP_OPT_LEVEL = args.amp_opt_level
         config.AMP_ENABLE = args.amp_opt_level != 'O0'
-    if _given('disable_amp'):
-        config.AMP_ENABLE = False
-    if _given('amp_dtype'):
-        config.AMP_DTYPE = args.amp_dtype
-    if _given('device'):
-        config.DEVICE = args.device
-    if _given('output'):
-        config.OUTPUT = args.output
-    if _given('tag'):
-        config.TAG = args.tag
-    if _given('eval'):
-        config.EVAL_MODE = True
-    if _given('throughput'):
-        config.THROUGHPUT_MODE = True
+    for dest, (key, value) in SWITCH_KEYS.items():  # after the opt level: --disable-amp wins over it
+        if getattr(args, dest, None):
+            _set_key(config, key, value)
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
-    if config.TRAIN.ACCUMULATION_STEPS < 1:
-        config.TRAIN.ACCUMULATION_STEPS = 1
-    if config.AMP_DTYPE not in ('float16', 'bfloat16'):
-        raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
-    # Output folder: <OUTPUT>/<MODEL.NAME>/<TAG>, as in Swin-Transformer.
-    config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
     config.freeze()
 
 
@@ -373,11 +382,16 @@ def get_default_config() -> CN:
 
 
 def get_config(args: Any = None) -> CN:
-    """Defaults, then ``args.cfg``, ``args.opts`` and flags; frozen. ``args=None`` gives the defaults."""
+    """Defaults, then ``args.cfg``, ``args.opts`` and flags, validated; frozen. ``args=None`` gives the defaults."""
     config = _C.clone()
     _notes.clear()
     if args is not None:
         update_config(config, args)
+    validate_config(config)
+    if args is not None:
+        # Output folder: <OUTPUT>/<MODEL.NAME>/<TAG>, as in Swin-Transformer (from validated names).
+        config.defrost()
+        config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
     config.freeze()
     return config
 
@@ -391,4 +405,340 @@ def load_config_file(cfg_file: str, opts: Optional[list[str]] = None) -> CN:
     if opts:
         merge_opts(config, opts)
     config.freeze()
+    validate_config(config)
     return config
+
+
+# -----------------------------------------------------------------------------
+# Validation: one rule per key, checked once when the config is read
+# -----------------------------------------------------------------------------
+# The right type is not enough: SAVE_FREQ 0 or TEST.CROP_PCT 0 pass yacs and fail an epoch later, and a YAML
+# ``null`` passes yacs for any key. Every key of the defaults has a rule below (tests/test_config.py checks that
+# none is missing); a key added to the defaults needs one here.
+
+class Rule:
+    """What a valid value is: ``want`` says it in words for the message (``wants`` for a list of them)."""
+
+    want = 'valid'
+    wants = 'valid values'
+
+    def ok(self, value: Any) -> bool:
+        raise NotImplementedError
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class Int(Rule):
+    def __init__(self, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
+        self.lo, self.hi = lo, hi
+        bound = '' if lo is None else f' >= {lo}' if hi is None else f' in {lo}..{hi}'
+        self.want, self.wants = f'an integer{bound}', f'integers{bound}'
+
+    def ok(self, v: Any) -> bool:
+        return _is_int(v) and (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+
+
+class Real(Rule):
+    """A finite number in an interval written as in mathematics: ``'(0, 1]'``, ``'[0, inf)'``."""
+
+    def __init__(self, interval: str) -> None:
+        m = re.fullmatch(r'([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])', interval)
+        assert m, interval
+        self.lo_open, self.hi_open = m.group(1) == '(', m.group(4) == ')'
+        self.lo, self.hi = float(m.group(2)), float(m.group(3))
+        if self.hi == math.inf:
+            bound = f" {'>' if self.lo_open else '>='} {m.group(2)}"
+        else:
+            bound = f' in {interval}'
+        self.want, self.wants = f'a number{bound}', f'numbers{bound}'
+
+    def ok(self, v: Any) -> bool:
+        return (_is_real(v) and (v > self.lo if self.lo_open else v >= self.lo)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+
+class Flag(Rule):
+    want, wants = 'True or False', 'True or False values'
+
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, bool)
+
+
+class Text(Rule):
+    def __init__(self, empty: bool = True, pattern: Optional[str] = None, want: Optional[str] = None) -> None:
+        self.empty, self.pattern = empty, pattern
+        self.want = want or ('a string' if empty else 'a non-empty string')
+        self.wants = 'strings' if empty else 'non-empty strings'
+
+    def ok(self, v: Any) -> bool:
+        return (isinstance(v, str) and (self.empty or bool(v))
+                and (self.pattern is None or re.fullmatch(self.pattern, v) is not None))
+
+
+class OneOf(Rule):
+    """One of ``choices`` (a tuple, or a function returning it where the list lives in another module)."""
+
+    def __init__(self, choices: Union[Sequence[str], Callable[[], Sequence[str]]], ignore_case: bool = False) -> None:
+        self._choices, self.ignore_case = choices, ignore_case
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._choices() if callable(self._choices) else self._choices)
+
+    @property
+    def want(self) -> str:
+        return 'one of ' + ', '.join(repr(c) for c in self.choices)
+
+    def ok(self, v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        return (v.lower() in [c.lower() for c in self.choices]) if self.ignore_case else v in self.choices
+
+
+class Seq(Rule):
+    """A list (or tuple) of items that each satisfy ``item``; optionally of a fixed length, not empty, increasing."""
+
+    def __init__(self, item: Rule, length: Optional[int] = None, nonempty: bool = False,
+                 increasing: bool = False) -> None:
+        self.item, self.length, self.nonempty, self.increasing = item, length, nonempty, increasing
+        count = f'{length} ' if length else ''
+        order = (', smallest first' if length == 2 else ', increasing') if increasing else ''
+        self.want = f"a{' non-empty' if nonempty else ''} list of {count}{item.wants}{order}"
+        self.wants = 'lists'
+
+    def ok(self, v: Any) -> bool:
+        if not isinstance(v, (list, tuple)):
+            return False
+        if (self.length is not None and len(v) != self.length) or (self.nonempty and not v):
+            return False
+        if not all(self.item.ok(x) for x in v):
+            return False
+        return not self.increasing or all(a <= b if self.length == 2 else a < b for a, b in zip(v, v[1:]))
+
+
+class Maybe(Rule):
+    """``None`` (the key's "off" value), or a value that satisfies ``rule``."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.want, self.wants = f'None or {rule.want}', f'None or {rule.wants}'
+
+    def ok(self, v: Any) -> bool:
+        return v is None or self.rule.ok(v)
+
+
+class Check(Rule):
+    """A rule of its own: ``test(value)`` says whether ``value`` is valid."""
+
+    def __init__(self, test: Callable[[Any], bool], want: str) -> None:
+        self.test, self.want, self.wants = test, want, want
+
+    def ok(self, v: Any) -> bool:
+        return self.test(v)
+
+
+def _timm_auto_augment(spec: Any) -> bool:
+    """Whether timm's ``create_transform`` (which builds our training transform) accepts ``spec``."""
+    if not isinstance(spec, str):
+        return False
+    if spec.lower() in ('', 'none'):
+        return True
+    from timm.data import create_transform
+    try:
+        create_transform(input_size=32, is_training=True, auto_augment=spec)
+    except Exception:  # noqa: BLE001 - timm signals a bad policy with AssertionError, KeyError or ValueError
+        return False
+    return True
+
+
+def _schedulers() -> tuple[str, ...]:
+    from lr_scheduler import SCHEDULERS
+    return SCHEDULERS
+
+
+def _optimizers() -> tuple[str, ...]:
+    from optimizer import OPTIMIZERS
+    return OPTIMIZERS
+
+
+def _manip_types() -> tuple[str, ...]:
+    from models.msg_transformer import MANIP_TYPES
+    return MANIP_TYPES
+
+
+RGB_CHANNELS = 3  # the loader gives every image as 8-bit RGB (data/build.py)
+# Interpolations that timm's training transform (RandAugment's affine ops included: Pillow's transform() takes
+# only these three) and torchvision's Resize both take; 'random' is timm's, for training (evaluation uses bicubic).
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'random')
+
+_UNIT = Real('[0, 1]')
+_UNIT_OPEN = Real('[0, 1)')
+_POSITIVE = Real('(0, inf)')
+_NON_NEGATIVE = Real('[0, inf)')
+_STAGES_POSITIVE = Seq(Int(1), nonempty=True)
+_RGB = Check(lambda v: _is_int(v) and v == RGB_CHANNELS, f'{RGB_CHANNELS} (the loader gives RGB images)')
+
+RULES: dict[str, Rule] = {
+    'BASE': Seq(Text()),
+    'DATA.BATCH_SIZE': Int(1),
+    'DATA.DATA_PATH': Text(),
+    'DATA.DATASET': Check(lambda v: v == 'imagenet', "'imagenet' (class folders in the ImageNet layout)"),
+    'DATA.IMG_SIZE': Int(1),
+    'DATA.INTERPOLATION': OneOf(INTERPOLATIONS),
+    'DATA.PIN_MEMORY': Flag(),
+    'DATA.NUM_WORKERS': Int(0),
+    'DATA.SKIP_CORRUPT': Flag(),
+    'DATA.MEAN': Seq(_UNIT, length=RGB_CHANNELS),
+    'DATA.STD': Seq(_POSITIVE, length=RGB_CHANNELS),
+
+    'MODEL.TYPE': Text(empty=False),          # the registry names the known types when it builds (models/build.py)
+    'MODEL.NAME': Text(empty=False),
+    'MODEL.PRETRAINED': Text(),
+    'MODEL.RESUME': Text(),
+    'MODEL.NUM_CLASSES': Int(1),
+    'MODEL.DROP_RATE': _UNIT_OPEN,
+    'MODEL.DROP_PATH_RATE': _UNIT_OPEN,
+    'MODEL.LABEL_SMOOTHING': _UNIT_OPEN,
+    'MODEL.FUSED_ATTN': Flag(),
+    # Per-stage lists and the geometry (lengths, heads dividing channels, valid sizes) are checked by the model
+    # itself when it is built, with the valid values in the message; here only what any model needs.
+    'MODEL.MSG.PATCH_SIZE': Int(1),
+    'MODEL.MSG.IN_CHANS': _RGB,
+    'MODEL.MSG.EMBED_DIM': Int(1),
+    'MODEL.MSG.DEPTHS': _STAGES_POSITIVE,
+    'MODEL.MSG.NUM_HEADS': _STAGES_POSITIVE,
+    'MODEL.MSG.WINDOW_SIZE': Int(1),
+    'MODEL.MSG.MLP_RATIO': _POSITIVE,
+    'MODEL.MSG.QKV_BIAS': Flag(),
+    'MODEL.MSG.QK_SCALE': Maybe(_POSITIVE),
+    'MODEL.MSG.APE': Flag(),
+    'MODEL.MSG.PATCH_NORM': Flag(),
+    'MODEL.MSG.SHUF_SIZE': _STAGES_POSITIVE,
+    'MODEL.MSG.MANIP_TYPE': OneOf(_manip_types),
+    'MODEL.MSG.DECAY_MSG_TOKENS': Flag(),
+    'MODEL.MGSSAF.PATCH_SIZE': Int(1),
+    'MODEL.MGSSAF.IN_CHANS': _RGB,
+    'MODEL.MGSSAF.EMBED_DIM': Int(1),
+    'MODEL.MGSSAF.DEPTHS': _STAGES_POSITIVE,
+    'MODEL.MGSSAF.NUM_HEADS': _STAGES_POSITIVE,
+    'MODEL.MGSSAF.GLOBAL_RATIO': Seq(_UNIT, nonempty=True),
+    'MODEL.MGSSAF.WIDTH': Seq(Int(0), nonempty=True),
+    'MODEL.MGSSAF.WINDOW_SIZE': Int(1),
+    'MODEL.MGSSAF.MLP_RATIO': _POSITIVE,
+    'MODEL.MGSSAF.QKV_BIAS': Flag(),
+    'MODEL.MGSSAF.HEAD_HIDDEN_DIM': Int(1),
+
+    'TRAIN.START_EPOCH': Int(0),
+    'TRAIN.EPOCHS': Int(1),
+    'TRAIN.WARMUP_EPOCHS': Int(0),
+    'TRAIN.WEIGHT_DECAY': _NON_NEGATIVE,
+    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.WARMUP_LR': _NON_NEGATIVE,
+    'TRAIN.MIN_LR': _NON_NEGATIVE,
+    'TRAIN.LR_SCALE_BATCH': Int(1),
+    'TRAIN.CLIP_GRAD': Maybe(_NON_NEGATIVE),
+    'TRAIN.AUTO_RESUME': Flag(),
+    'TRAIN.ACCUMULATION_STEPS': Int(1),
+    'TRAIN.USE_CHECKPOINT': Flag(),
+    'TRAIN.COMPILE': Flag(),
+    'TRAIN.KEEP_CHECKPOINTS': Int(0),
+    'TRAIN.MAX_NONFINITE_STEPS': Int(1),
+    'TRAIN.LR_SCHEDULER.NAME': OneOf(_schedulers, ignore_case=True),
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': Int(1),
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': Real('(0, 1]'),
+    'TRAIN.LR_SCHEDULER.WARMUP_PREFIX': Flag(),
+    'TRAIN.LR_SCHEDULER.T_IN_BATCHES': Flag(),
+    'TRAIN.LR_SCHEDULER.GAMMA': Real('(0, 1]'),
+    'TRAIN.LR_SCHEDULER.MULTISTEPS': Seq(_POSITIVE, increasing=True),
+    'TRAIN.OPTIMIZER.NAME': OneOf(_optimizers, ignore_case=True),
+    'TRAIN.OPTIMIZER.EPS': _POSITIVE,
+    'TRAIN.OPTIMIZER.BETAS': Seq(_UNIT_OPEN, length=2),
+    'TRAIN.OPTIMIZER.MOMENTUM': _UNIT_OPEN,
+    'TRAIN.EMA.ENABLE': Flag(),
+    'TRAIN.EMA.DECAY': _UNIT_OPEN,
+
+    'AUG.COLOR_JITTER': _NON_NEGATIVE,
+    'AUG.HFLIP': _UNIT,
+    'AUG.SCALE': Seq(Real('(0, 1]'), length=2, increasing=True),
+    'AUG.AUTO_AUGMENT': Check(_timm_auto_augment, "'none' or a timm policy such as 'rand-m9-mstd0.5-inc1', "
+                                                  "'augmix-m5', 'original', 'v0', '3a'"),
+    'AUG.REPROB': _UNIT,
+    'AUG.REMODE': OneOf(('const', 'rand', 'pixel')),
+    'AUG.RECOUNT': Int(1),
+    'AUG.MIXUP': _NON_NEGATIVE,
+    'AUG.CUTMIX': _NON_NEGATIVE,
+    'AUG.CUTMIX_MINMAX': Maybe(Seq(Real('(0, 1]'), length=2, increasing=True)),
+    'AUG.MIXUP_PROB': _UNIT,
+    'AUG.MIXUP_SWITCH_PROB': _UNIT,
+    'AUG.MIXUP_MODE': OneOf(('batch', 'pair', 'elem')),
+
+    'TEST.CROP': Flag(),
+    'TEST.CROP_PCT': Real('(0, 1]'),
+    'TEST.SEQUENTIAL': Flag(),
+
+    'AMP_ENABLE': Flag(),
+    'AMP_DTYPE': OneOf(('float16', 'bfloat16')),
+    'AMP_OPT_LEVEL': OneOf(('', 'O0', 'O1', 'O2')),
+    'DEVICE': Text(pattern=r'(cpu|cuda(:\d+)?)?', want="'' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"),
+    'OUTPUT': Text(),
+    'TAG': Text(empty=False),
+    'SAVE_FREQ': Int(1),
+    'PRINT_FREQ': Int(1),
+    'SEED': Int(),
+    'EVAL_MODE': Flag(),
+    'THROUGHPUT_MODE': Flag(),
+    'LOCAL_RANK': Int(0),
+}
+
+
+def uses_mixup(config: CN) -> bool:
+    """Whether training mixes images (timm ``Mixup``/CutMix): it pairs images, so it needs an even batch."""
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
+
+
+def _relations(config: CN) -> Iterable[str]:
+    """Rules between keys (each key on its own is valid by now)."""
+    t = config.TRAIN
+    if t.START_EPOCH >= t.EPOCHS:
+        yield f'TRAIN.START_EPOCH must be below TRAIN.EPOCHS ({t.EPOCHS}), got {t.START_EPOCH}'
+    if t.LR_SCHEDULER.NAME.lower() == 'multistep' and not t.LR_SCHEDULER.MULTISTEPS:
+        yield "TRAIN.LR_SCHEDULER.MULTISTEPS must list the epochs to decay at when NAME is 'multistep'"
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training and uses_mixup(config) and config.DATA.BATCH_SIZE % 2:
+        yield (f'DATA.BATCH_SIZE{_flag_of("DATA.BATCH_SIZE")} must be even with mixup/cutmix, got '
+               f'{config.DATA.BATCH_SIZE} (or turn them off: --opts AUG.MIXUP 0.0 AUG.CUTMIX 0.0)')
+
+
+def _flag_of(key: str) -> str:
+    flags = [f"--{dest.replace('_', '-')}" for dest, k in FLAG_KEYS.items() if k == key]
+    return f' ({flags[0]})' if flags else ''
+
+
+def _leaves(node: CN, prefix: str = '') -> Iterable[tuple[str, Any]]:
+    for k, v in node.items():
+        if isinstance(v, CN):
+            yield from _leaves(v, f'{prefix}{k}.')
+        else:
+            yield f'{prefix}{k}', v
+
+
+def validate_config(config: CN) -> None:
+    """Raise one ConfigError naming every key whose value is out of range, not a valid choice or of the wrong
+    length, so a bad value fails at start instead of after an epoch of training."""
+    problems = []
+    for key, value in _leaves(config):
+        rule = RULES.get(key)  # every key has one (tests/test_config.py::test_every_key_has_a_rule)
+        if rule is not None and not rule.ok(value):
+            shown = list(value) if isinstance(value, tuple) else value  # as the YAML or --opts wrote it
+            problems.append(f'{key}{_flag_of(key)} must be {rule.want}, got {shown!r}')
+    if not problems:
+        problems.extend(_relations(config))
+    if problems:
+        raise ConfigError('; '.join(problems))

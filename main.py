@@ -205,8 +205,6 @@ def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
 def train(run: Run, data: Data, model: nn.Module) -> int:
     """Train (or continue training) and evaluate after every epoch; checkpoints in the output folder."""
     config, logger, device, rank, world_size = run.config, run.logger, run.device, run.rank, run.world_size
-    if data.mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
-        raise ConfigError(f'mixup/cutmix needs an even batch size per process, got {config.DATA.BATCH_SIZE}')
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
 

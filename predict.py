@@ -31,7 +31,7 @@ from PIL import UnidentifiedImageError
 from checkpoint import CheckpointError, load_checkpoint_file
 from config import ConfigError, get_config
 from data import DataError, build_transform
-from data.build import _DECODE_ERRORS, _pil_rgb
+from data.build import DECODE_ERRORS, load_rgb
 from deploy import (META_CLASS_NAMES, META_PREPROCESS, build_inference_model, checkpoint_class_names, onnx_session,
                     preprocess_settings, run_session, session_metadata)
 from distributed import resolve_device
@@ -109,11 +109,11 @@ def load_batches(files: list[str], transform: Callable, batch_size: int,
     paths, images = [], []
     for i, path in enumerate(files):
         try:
-            images.append(transform(_pil_rgb(path)))
+            images.append(transform(load_rgb(path)))
             paths.append(path)
         except UnidentifiedImageError:
             on_error(f"skipping '{path}': not an image (or in a format Pillow cannot read)")
-        except _DECODE_ERRORS as e:  # truncated or corrupt data; OSError also: removed or unreadable since found
+        except DECODE_ERRORS as e:  # truncated or corrupt data; OSError also: removed or unreadable since found
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
             on_error(f"skipping '{path}': unreadable image ({type(e).__name__}: {reason})")
         if paths and (len(paths) == batch_size or i == len(files) - 1):

@@ -4,6 +4,12 @@ Training uses timm's ``create_transform`` (random resized crop, flip, RandAugmen
 erasing) and timm's ``Mixup``/CutMix; evaluation resizes by ``1/TEST.CROP_PCT`` and centre-crops (bicubic).
 Every problem a user can cause with the folder raises ``DataError`` with one line naming the path and the fix.
 
+What a split holds has one definition, used by the folder check and by the data set alike: the classes are its
+sub-folders that are not hidden (``list_classes``); a class's images are the files with an image extension in its
+folder and the folders below it, hidden names skipped, symlinks followed but each real folder once
+(``list_images``). Every image is read as 8-bit RGB by ``to_rgb``: 16-bit images are scaled, transparent ones
+composited, and modes with no defined meaning refused by name.
+
 Samplers: training shards with a ``DistributedSampler`` that can start mid-epoch (preemption resume);
 evaluation shards *without padding* (rank r takes items r, r+W, ...), so summed counts cover every image once.
 """
@@ -12,9 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
-from typing import Callable, Iterator, NamedTuple, Optional, Union
+from collections import Counter
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from timm.data import Mixup, create_transform
@@ -24,6 +33,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from config import uses_mixup
 from utils import derive_seed, seed_everything
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently half-grey
@@ -44,7 +54,7 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
     _timm_aa.NAME_TO_OP[_name] = _posterize
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -56,19 +66,157 @@ class UnreadableImageError(DataError):
     rank_specific = True
 
 
-def _pil_rgb(path: str) -> Image.Image:
+class UnsupportedImageError(ValueError):
+    """An image Pillow reads but whose pixels have no defined 8-bit RGB meaning (the message names the mode)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pixels: every image as 8-bit RGB
+# ---------------------------------------------------------------------------------------------------------------
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as image viewers and browsers do
+_TO_RGB = ('1', 'L', 'P', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')  # Pillow's convert('RGB') is right for these
+_WITH_ALPHA = ('LA', 'PA', 'RGBA', 'RGBa')
+_UINT16 = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_UINT16_AS_I = ('PNG', 'PPM')  # formats Pillow (some versions) reads as 32-bit 'I' although the file is 16-bit
+UINT16_MAX = 65535
+
+
+def _mode_problem(img: Image.Image) -> Optional[str]:
+    """Why ``img`` cannot become RGB, as far as its header tells (mode, format); None when it can."""
+    mode = img.mode
+    if mode in _TO_RGB or mode in _WITH_ALPHA or mode in _UINT16 or mode == 'F':
+        return None
+    if mode == 'I':
+        if img.format in _UINT16_AS_I:
+            return None
+        return (f"32-bit integer image (mode 'I', {img.format}) has no defined range of values; "
+                f"save it as 8- or 16-bit")
+    return f"image mode {mode!r} is not supported; save it as 8-bit RGB, grey or 16-bit grey"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB for any image Pillow can open, or ``UnsupportedImageError`` naming what it is.
+
+    ``convert('RGB')`` alone is wrong for three kinds: it clips 16-bit values at 255 (a 16-bit PNG turns white),
+    drops alpha (the colour stored under transparent pixels is arbitrary: black, or leftovers of an edit) and
+    reads float images as 0..255. Here 16-bit grey (``I;16*``, and ``I`` from PNG/PPM) is scaled by 255/65535,
+    transparency (an alpha band or a PNG/GIF ``transparency`` entry) is composited over ``ALPHA_BACKGROUND``, and
+    float images (``F``) are taken as 0..1, the usual range of float images, and refused outside it."""
+    problem = _mode_problem(img)
+    if problem:
+        raise UnsupportedImageError(problem)
+    mode = img.mode
+    if mode in _WITH_ALPHA or (mode in _TO_RGB and 'transparency' in img.info):
+        background = Image.new('RGBA', img.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, img.convert('RGBA')).convert('RGB')
+    if mode in _TO_RGB:
+        return img.convert('RGB')  # for RGB a copy, as before: detached from the (closed) file
+    values = np.asarray(img)
+    if mode == 'F':
+        if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise UnsupportedImageError(f"float image (mode 'F') with values {values.min():g}..{values.max():g}: "
+                                        f"only 0..1 has a defined meaning; save it as 8- or 16-bit")
+        grey = np.rint(values * 255.0)
+    else:  # 16-bit grey
+        if values.min() < 0 or values.max() > UINT16_MAX:
+            raise UnsupportedImageError(f"integer image (mode {mode!r}) with values {values.min()}..{values.max()} "
+                                        f"outside the 16-bit range 0..{UINT16_MAX}")
+        grey = (values.astype(np.int64) * 255 + UINT16_MAX // 2) // UINT16_MAX  # rounded
+    return Image.fromarray(grey.astype(np.uint8)).convert('RGB')
+
+
+def load_rgb(path: str) -> Image.Image:
     with open(path, 'rb') as f:
         img = Image.open(f)
         img.load()
-        return img.convert('RGB')
+        return to_rgb(img)
 
 
-def _list_classes(split_dir: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+def _header_problem(path: str) -> Optional[str]:
+    """What is wrong with ``path`` as far as its header tells (format, size, mode), without decoding pixels."""
+    try:
+        with Image.open(path) as img:
+            return _mode_problem(img)
+    except DECODE_ERRORS as e:
+        return f'{type(e).__name__}: {e}'
+
+
+def check_image_headers(paths: Sequence[str], what: str = 'validation') -> None:
+    """Raise DataError naming the first of ``paths`` whose header Pillow cannot read (empty, not an image, an
+    unknown format, an unsupported mode), and how many more there are.
+
+    Reading a header costs a file open and a few KB, not a decode: ~35 us per file with the files in the page
+    cache (2 s for ImageNet's 50,000; a full decode is 1.6-4 ms per file), so a broken validation image is found
+    before the first epoch instead of after it. A file truncated inside its pixel data passes this check; it is
+    found when validation decodes it, which is then an error (validation never skips images)."""
+    bad = [(p, problem) for p in paths if (problem := _header_problem(p))]
+    if bad:
+        path, problem = bad[0]
+        more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
+        raise DataError(f"unreadable {what} image '{path}': {problem}{more}; remove or replace it "
+                        f"({what} never skips images)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders: the classes of a split and the images of a class
+# ---------------------------------------------------------------------------------------------------------------
+def _hidden(name: str) -> bool:
+    """Dot-names (``.cache``, ``.ipynb_checkpoints``, macOS ``._x.jpg``) are left by tools, never data."""
+    return name.startswith('.')
+
+
+def list_classes(split_dir: str) -> list[str]:
+    """The classes of a split: its sub-folders that are not hidden, sorted (the label of each is its index)."""
+    try:
+        with os.scandir(split_dir) as it:
+            return sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
+    except OSError as e:
+        raise DataError(f"cannot read the folder '{split_dir}': {e.strerror or e}") from None
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows symlinks: the real folder
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(folder: str, seen: dict[tuple[int, int], str],
+                 ancestors: tuple[tuple[int, int], ...] = ()) -> Iterator[tuple[str, list[str]]]:
+    """Yield ``(folder, its image file names sorted)`` for ``folder`` and each non-hidden folder below it.
+
+    Symlinks are followed, as torchvision's ImageFolder does, but each real folder once (``seen`` maps a folder's
+    identity to the path it was first listed under, across a split): a link back to an ancestor (a loop, which
+    ``os.walk`` follows ~40 levels deep) or to a folder already listed raises DataError naming both paths."""
+    try:
+        ident = _folder_id(folder)
+    except OSError as e:
+        raise DataError(f"cannot read the folder '{folder}': {e.strerror or e}") from None
+    if ident in ancestors:
+        raise DataError(f"symlink loop: '{folder}' leads back to '{seen[ident]}'; remove the link")
+    if ident in seen:
+        raise DataError(f"'{folder}' is the same folder as '{seen[ident]}': its images would be listed twice; "
+                        f"remove one of the two")
+    seen[ident] = folder
+    try:
+        with os.scandir(folder) as it:
+            entries = [(e.name, e.path, e.is_dir()) for e in it if not _hidden(e.name)]
+    except OSError as e:
+        raise DataError(f"cannot read the folder '{folder}': {e.strerror or e}") from None
+    yield folder, sorted(name for name, _, is_dir in entries if not is_dir and name.lower().endswith(IMG_EXTENSIONS))
+    for _, path, _ in sorted(e for e in entries if e[2]):
+        yield from _walk_images(path, seen, ancestors + (ident,))
+
+
+def list_images(class_dir: str, seen: Optional[dict[tuple[int, int], str]] = None) -> list[str]:
+    """The images of a class, in torchvision's ``make_dataset`` order (by folder path, then file name) so that a
+    folder without hidden names or linked folders gives exactly ImageFolder's samples. Pass one ``seen`` for every
+    class of a split to refuse a folder reached twice across classes."""
+    seen = {} if seen is None else seen
+    return [os.path.join(d, n) for d, names in sorted(_walk_images(class_dir, seen)) for n in names]
 
 
 def check_data_folder(root: str, num_classes: Optional[int] = None, splits: tuple[str, ...] = ('train', 'val')) -> list[str]:
-    """Validate the folder layout before any worker starts; returns the class names."""
+    """Validate the folder layout before any worker starts; returns the class names (``list_classes``, the same
+    definition the data set uses)."""
     if not root:
         raise DataError('no data set given: pass --data-path <folder with train/ and val/>')
     if not os.path.isdir(root):
@@ -79,14 +227,12 @@ def check_data_folder(root: str, num_classes: Optional[int] = None, splits: tupl
         if not os.path.isdir(d):
             raise DataError(f"'{root}' has no '{split}/' folder; expected {root}/{split}/<class>/<image> "
                             f"(ImageNet layout)")
-        names = _list_classes(d)
+        names = list_classes(d)
         if not names:
             raise DataError(f"'{d}' has no class sub-folders; put images in {d}/<class>/")
         for name in names:
-            with os.scandir(os.path.join(d, name)) as it:
-                if not any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in it):
-                    raise DataError(f"class folder '{os.path.join(d, name)}' has no images "
-                                    f"(extensions: {', '.join(IMG_EXTENSIONS)}); add images or remove it")
+            if not any(files for _, files in _walk_images(os.path.join(d, name), {})):  # stops at the first image
+                raise DataError(_no_images(os.path.join(d, name)))
         if classes is None:
             classes = names
         elif names != classes:
@@ -101,6 +247,25 @@ def check_data_folder(root: str, num_classes: Optional[int] = None, splits: tupl
     return classes
 
 
+def _no_images(class_dir: str) -> str:
+    return (f"class folder '{class_dir}' has no images (extensions: {', '.join(IMG_EXTENSIONS)}; hidden names "
+            f"are skipped); add images or remove it")
+
+
+def count_images(dataset: ImageFolder) -> dict[str, int]:
+    """Images per class of a built data set, by class name (every class listed, in label order)."""
+    counts = Counter(dataset.targets)
+    return {name: counts.get(i, 0) for i, name in enumerate(dataset.classes)}
+
+
+def describe_split(dataset: ImageFolder) -> str:
+    """One log line's worth: how many images a split holds, in how many classes, and the spread per class (an
+    odd maximum points at a folder that holds more than it should)."""
+    per_class = list(count_images(dataset).values())
+    return (f"'{dataset.root}': {len(dataset)} images in {len(per_class)} classes "
+            f"({min(per_class)}..{max(per_class)} per class)")
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that, for training, replaces an unreadable image by the next readable one.
 
@@ -110,9 +275,31 @@ class SafeImageFolder(ImageFolder):
 
     def __init__(self, root: str, transform: Optional[Callable] = None, skip_corrupt: bool = False,
                  logger: Optional[logging.Logger] = None) -> None:
-        super().__init__(root, transform=transform, loader=_pil_rgb)
+        super().__init__(root, transform=transform, loader=load_rgb)
         self.skip_corrupt = skip_corrupt
         self.logger = logger
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """``list_classes``: the same classes ``check_data_folder`` sees (torchvision's would count hidden folders)."""
+        classes = list_classes(directory)
+        if not classes:
+            raise DataError(f"'{directory}' has no class sub-folders; put images in {directory}/<class>/")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Optional[tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """``(path, label)`` for every image of every class by ``list_images`` (torchvision's order; image
+        extensions, hidden names skipped, each real folder once); ``extensions``/``is_valid_file`` are not used."""
+        seen: dict[tuple[int, int], str] = {}
+        samples = []
+        for name in sorted(class_to_idx):
+            paths = list_images(os.path.join(directory, name), seen)
+            if not paths and not allow_empty:
+                raise DataError(_no_images(os.path.join(directory, name)))
+            samples.extend((p, class_to_idx[name]) for p in paths)
+        return samples
 
     def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
         """``index``, or ``(index, seed)`` from ``ResumableDistributedSampler``: the random transforms of this sample
@@ -123,7 +310,7 @@ class SafeImageFolder(ImageFolder):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
                 img = self.loader(path)
-            except _DECODE_ERRORS as e:
+            except DECODE_ERRORS as e:
                 if not self.skip_corrupt:
                     raise UnreadableImageError(f"unreadable image '{path}': {type(e).__name__}: {e} "
                                                f"(remove or replace the file)") from None
@@ -209,7 +396,7 @@ def build_transform(config, is_train: bool) -> Callable:
 
 def build_mixup(config) -> Optional[Mixup]:
     aug = config.AUG
-    if aug.MIXUP <= 0 and aug.CUTMIX <= 0 and aug.CUTMIX_MINMAX is None:
+    if not uses_mixup(config):
         return None
     return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
                  prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
@@ -254,8 +441,17 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,
                          config.DATA.BATCH_SIZE, drop_last=False, persistent=True, pin_memory=pin)
     if not train:
+        if logger is not None:
+            logger.info(f'data: val {describe_split(dataset_val)}')
         return Data(None, dataset_val, None, loader_val, None, class_names)
     dataset_train = build_dataset(config, is_train=True, logger=logger)
+    if logger is not None:
+        logger.info(f'data: train {describe_split(dataset_train)}; val {describe_split(dataset_val)}')
+    # Every rank checks every validation file (not its shard), so a bad file stops all ranks alike, before training.
+    t0 = time.perf_counter()
+    check_image_headers([path for path, _ in dataset_val.samples])
+    if logger is not None:
+        logger.info(f'data: {len(dataset_val)} validation image headers read in {time.perf_counter() - t0:.1f} s')
     sampler = ResumableDistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:

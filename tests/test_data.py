@@ -1,5 +1,7 @@
 """The demo's data export and the folder loader's handling of bad folders and corrupt images."""
+import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -8,7 +10,8 @@ from PIL import Image
 
 from config import get_default_config, merge_opts
 from data import DataError, check_data_folder
-from data.build import SafeImageFolder, ShardSampler, ResumableDistributedSampler, build_loader
+from data.build import (SafeImageFolder, ShardSampler, ResumableDistributedSampler, build_loader, build_transform,
+                        check_image_headers, count_images, list_images)
 from data.digits import export_digits
 
 
@@ -113,3 +116,122 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     posterize.prob, posterize.magnitude_std = 1.0, 0.0
     out = posterize(Image.new('RGB', (8, 8), (200, 100, 50)))
     assert out.getextrema() == ((0, 0), (0, 0), (0, 0))            # 0 bits kept: black, as old Pillow did
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 14: one definition of a split's classes and images; loops refused; counts logged; headers checked.
+def _tiny_split(root, classes=('a', 'b', 'c'), per_class=2):
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(root / c / f'{i}.png')
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    for split in ('train', 'val'):
+        _tiny_split(tmp_path / split)
+    (tmp_path / 'train' / '.cache').mkdir()                            # sorts first: it became class 0
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train' / '.cache' / 'x.png')
+    (tmp_path / 'train' / '.ipynb_checkpoints').mkdir()                # empty: used to be a traceback
+    (tmp_path / 'val' / '.ipynb_checkpoints').mkdir()
+    (tmp_path / 'train' / 'a' / '._0.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')   # macOS metadata
+    (tmp_path / 'train' / 'b' / '.thumbs').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'b' / '.thumbs' / 't.png')
+    assert check_data_folder(str(tmp_path), num_classes=3) == ['a', 'b', 'c']
+    ds = SafeImageFolder(str(tmp_path / 'train'))
+    assert ds.classes == ['a', 'b', 'c'] and ds.class_to_idx == {'a': 0, 'b': 1, 'c': 2}
+    assert [(os.path.relpath(p, tmp_path / 'train'), t) for p, t in ds.samples] == [
+        ('a/0.png', 0), ('a/1.png', 0), ('b/0.png', 1), ('b/1.png', 1), ('c/0.png', 2), ('c/1.png', 2)]
+
+
+def test_class_with_images_only_in_hidden_folders_has_no_images(tmp_path):
+    _tiny_split(tmp_path / 'train')
+    _tiny_split(tmp_path / 'val')
+    (tmp_path / 'train' / 'd' / '.cache').mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'd' / '.cache' / 'x.png')
+    with pytest.raises(DataError, match=r"class folder '.*train/d' has no images .*hidden names are skipped"):
+        check_data_folder(str(tmp_path))
+    with pytest.raises(DataError, match=r"class folder '.*train/d' has no images"):
+        SafeImageFolder(str(tmp_path / 'train'))
+
+
+def test_listing_matches_torchvision_on_a_plain_tree(tmp_path, digits_dir):
+    """Without hidden names or linked folders, the samples (and so every index a sampler draws) are exactly
+    torchvision's, nested folders and names that sort around '/' included."""
+    from torchvision.datasets import ImageFolder
+    root = tmp_path / 'train'
+    _tiny_split(root, classes=('a', 'a b', 'a-b', 'c'))
+    for sub in ('a/x', 'a/x/deep', 'a/x-1', 'a/x 2', 'c/Z'):           # by path: a/x < a/x 2 < a/x-1 < a/x/deep
+        (root / sub).mkdir(parents=True)
+    for d in [p for p in root.rglob('*') if p.is_dir()]:
+        Image.new('RGB', (8, 8)).save(d / 'img.JPG')
+        (d / 'notes.txt').write_text('not an image')
+    for folder in (str(root), os.path.join(digits_dir, 'train')):
+        ours, theirs = SafeImageFolder(folder), ImageFolder(folder)
+        assert ours.samples == theirs.samples and ours.classes == theirs.classes
+
+
+def test_symlink_loop_is_refused_naming_the_link(tmp_path):
+    _tiny_split(tmp_path / 'train')
+    _tiny_split(tmp_path / 'val')
+    os.symlink('.', tmp_path / 'train' / 'a' / 'loop')                # 6 images became dozens, silently
+    with pytest.raises(DataError, match=r"symlink loop: '.*train/a/loop' leads back to '.*train/a'; remove the link"):
+        SafeImageFolder(str(tmp_path / 'train'))
+    os.remove(tmp_path / 'train' / 'a' / 'loop')
+    os.symlink('..', tmp_path / 'train' / 'b' / 'up')                 # the whole split again, under label b
+    with pytest.raises(DataError, match=r"'.*train/b/up/a' is the same folder as '.*train/a'"):
+        SafeImageFolder(str(tmp_path / 'train'))
+    with pytest.raises(DataError, match=r"symlink loop: '.*train/b/up/b' leads back to '.*train/b'"):
+        list_images(str(tmp_path / 'train' / 'b'))
+
+
+def test_folder_reached_twice_is_refused_and_outside_links_work(tmp_path):
+    _tiny_split(tmp_path / 'train')
+    os.symlink(tmp_path / 'train' / 'b', tmp_path / 'train' / 'a' / 'more')    # b's images under label a too
+    with pytest.raises(DataError, match=r"'.*train/b' is the same folder as '.*train/a/more': its images would be "
+                                        r"listed twice"):
+        SafeImageFolder(str(tmp_path / 'train'))
+    os.remove(tmp_path / 'train' / 'a' / 'more')
+    _tiny_split(tmp_path / 'elsewhere', classes=('extra',), per_class=3)
+    os.symlink(tmp_path / 'elsewhere' / 'extra', tmp_path / 'train' / 'a' / 'extra')   # a linked folder: followed
+    ds = SafeImageFolder(str(tmp_path / 'train'))
+    assert count_images(ds) == {'a': 5, 'b': 2, 'c': 2}
+
+
+def test_split_sizes_are_logged(tmp_path, digits_dir, caplog):
+    cfg = get_default_config()
+    merge_opts(cfg, ['DATA.DATA_PATH', digits_dir, 'DATA.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '16',
+                     'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '10'])
+    logger = logging.getLogger('test_split_sizes')
+    with caplog.at_level(logging.INFO, logger='test_split_sizes'):
+        build_loader(cfg, rank=0, world_size=1, logger=logger)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"data: train '.*train': 200 images in 10 classes \(20..20 per class\); "
+                            r"val '.*val': 50 images in 10 classes \(5..5 per class\)", ln) for ln in lines), lines
+    assert any(re.fullmatch(r'data: 50 validation image headers read in \d+\.\d s', ln) for ln in lines), lines
+
+
+def test_unreadable_validation_image_is_found_before_training(tmp_path, digits_dir):
+    root = tmp_path / 'd'
+    shutil.copytree(digits_dir, root)
+    (root / 'val' / '3' / 'empty.png').write_bytes(b'')
+    (root / 'val' / '7' / 'text.jpg').write_text('not an image')
+    cfg = get_default_config()
+    merge_opts(cfg, ['DATA.DATA_PATH', str(root), 'DATA.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '16',
+                     'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '10'])
+    with pytest.raises(DataError, match=r"^unreadable validation image '.*val/3/empty.png': UnidentifiedImageError: "
+                                        r".* \(and 1 more\); remove or replace it \(validation never skips images\)$"):
+        build_loader(cfg, rank=0, world_size=1)
+    ds_val = build_loader(cfg, rank=0, world_size=1, train=False).dataset_val   # evaluation finds it when it reads
+    assert len(ds_val) == 52
+    check_image_headers([p for p, _ in SafeImageFolder(digits_dir + '/val').samples])   # the good ones pass
+
+
+def test_every_allowed_interpolation_builds_both_transforms():
+    from config import INTERPOLATIONS
+    for name in INTERPOLATIONS:
+        cfg = get_default_config()
+        merge_opts(cfg, ['DATA.INTERPOLATION', name, 'DATA.IMG_SIZE', '32'])
+        for is_train in (True, False):
+            out = build_transform(cfg, is_train)(Image.new('RGB', (40, 48)))
+            assert out.shape == (3, 32, 32)
