@@ -12,9 +12,16 @@ import torch.nn as nn
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) global generators."""
+    seed_cpu_generators(seed)
+    torch.manual_seed(seed)
+
+
+def seed_cpu_generators(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's CPU generators only: ~30 us, where ``torch.manual_seed`` also seeds
+    every CUDA generator (~300 us in a CUDA build): for the per-sample seeds of data workers."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 def derive_seed(*parts: int) -> int:

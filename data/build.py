@@ -34,7 +34,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from config import uses_mixup
-from utils import derive_seed, seed_everything
+from utils import derive_seed, seed_cpu_generators
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently half-grey
 
@@ -323,7 +323,7 @@ class SafeImageFolder(ImageFolder):
                 continue
             if self.transform is not None:
                 if seed is not None:
-                    seed_everything(seed)
+                    seed_cpu_generators(seed)
                 img = self.transform(img)
             return img, target, skipped
         raise DataError(f"no readable image in '{self.root}'")

@@ -277,11 +277,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, drop_rate)
 
 def test_no_weight_decay_names_are_parameters():
     for ape in (False, True):
-        model = MSGTransformer(**TINY, ape=ape)
-        names = {n for n, _ in model.named_parameters()}
-        assert model.no_weight_decay() <= names
-        assert 'msg_tokens' in model.no_weight_decay()
-        assert ('absolute_pos_embed' in model.no_weight_decay()) == ape
+        for decay_msg_tokens in (True, False):  # True: the official recipe (its 'msg_token' named nothing)
+            model = MSGTransformer(**TINY, ape=ape, decay_msg_tokens=decay_msg_tokens)
+            names = {n for n, _ in model.named_parameters()}
+            assert model.no_weight_decay() <= names
+            assert ('msg_tokens' in model.no_weight_decay()) != decay_msg_tokens
+            assert ('absolute_pos_embed' in model.no_weight_decay()) == ape
         for keyword in model.no_weight_decay_keywords():
             assert any(keyword in n for n in names), keyword
 

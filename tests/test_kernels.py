@@ -1,0 +1,77 @@
+"""The CPU kernel choice (models/kernels.py): measured once per signature, fixed on request, carried in checkpoints."""
+import time
+
+import pytest
+import torch
+
+from models import kernels
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    kernels.reset()
+    kernels.set_policy('auto')
+    yield
+    kernels.reset()
+    kernels.set_policy('auto')
+
+
+def _candidates(fused_s, plain_s, calls):
+    def fused():
+        calls['fused'] += 1
+        time.sleep(fused_s)
+
+    def plain():
+        calls['plain'] += 1
+        time.sleep(plain_s)
+    return fused, plain
+
+
+@pytest.mark.parametrize('fused_s,plain_s,expected', [(0.0, 0.004, True), (0.004, 0.0, False)])
+def test_auto_measures_once_and_keeps_the_faster(fused_s, plain_s, expected):
+    calls = {'fused': 0, 'plain': 0}
+    x = torch.zeros(4, 8)
+    fused, plain = _candidates(fused_s, plain_s, calls)
+    assert kernels.use_fused('linear', (x,), fused, plain) is expected
+    assert calls == {'fused': 1 + kernels.ROUNDS, 'plain': 1 + kernels.ROUNDS}
+    assert kernels.use_fused('linear', (x,), fused, plain) is expected          # cached: not measured again
+    assert calls == {'fused': 1 + kernels.ROUNDS, 'plain': 1 + kernels.ROUNDS}
+    kernels.use_fused('linear', (torch.zeros(5, 8),), fused, plain)            # another shape: measured
+    assert calls['fused'] == 2 * (1 + kernels.ROUNDS)
+    line = kernels.summary()
+    assert line.startswith('CPU kernels (auto, measured on ') and f'linear: {2 * expected} of 2 shapes fused' in line
+
+
+def test_a_tie_goes_to_the_plain_op():
+    calls = {'fused': 0, 'plain': 0}
+    assert not kernels.use_fused('attention', (torch.zeros(1),), *_candidates(0.002, 0.002, calls))
+
+
+@pytest.mark.parametrize('mode', ['fused', 'plain'])
+def test_fixed_policies_never_measure(mode, monkeypatch):
+    calls = {'fused': 0, 'plain': 0}
+    kernels.set_policy(mode)
+    assert kernels.use_fused('linear', (torch.zeros(2),), *_candidates(0, 0, calls)) is (mode == 'fused')
+    assert calls == {'fused': 0, 'plain': 0} and kernels.summary() == f'CPU kernels: {mode} (fixed by MODEL.CPU_KERNELS)'
+    kernels.set_policy('auto')
+    monkeypatch.setenv(kernels.ENV_VAR, mode)                                    # the environment wins
+    assert kernels.policy() == mode and kernels.summary().endswith(f'(fixed by {kernels.ENV_VAR})')
+    monkeypatch.setenv(kernels.ENV_VAR, 'fastest')
+    with pytest.raises(ValueError, match='auto, fused, plain'):
+        kernels.policy()
+
+
+def test_decisions_travel_with_a_checkpoint_on_the_same_machine():
+    calls = {'fused': 0, 'plain': 0}
+    x = torch.zeros(3, 3)
+    kernels.use_fused('linear', (x,), *_candidates(0.0, 0.003, calls))
+    saved = kernels.export()
+    torch.save(saved, '/dev/null')                                              # plain data
+    kernels.reset()
+    assert kernels.restore(saved) == 1
+    calls = {'fused': 0, 'plain': 0}
+    assert kernels.use_fused('linear', (x,), *_candidates(0.003, 0.0, calls)) and calls['fused'] == 0
+    kernels.reset()
+    other = dict(saved, machine=dict(saved['machine'], cpu='another CPU'))
+    assert kernels.restore(other) == 0 and not kernels.decisions()
