@@ -191,6 +191,24 @@ def measure(spec: dict, args: dict) -> dict:
             'train_img_s': b / t_train, 'peak_mem_mb': peak_mb}
 
 
+def measure_machine(spec: dict, args: dict) -> dict:
+    """The CPU (or GPU) and its float32 matmul speed with the benchmark's threads: the yardstick every figure of
+    the table is relative to (a 2048^3 GEMM; the median of ``torch.utils.benchmark``)."""
+    import torch
+    torch.set_num_threads(args['threads'])
+    device = torch.device(args['device'])
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    seconds = _median_seconds(lambda: a @ b, sync, min(args['min_time'], 2.0))
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        from models.kernels import cpu_name
+        name = f'{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})'
+    return {'model': 'machine', 'device_name': name, 'matmul_gflops': 2 * n ** 3 / seconds / 1e9}
+
+
 def _child(fn, spec, args, queue):
     sys.path.insert(0, ROOT)
     try:
@@ -234,10 +252,12 @@ def _median_row(results: list[dict]) -> dict:
     return row
 
 
-def format_table(rows: list[dict], args: dict) -> str:
+def format_table(rows: list[dict], args: dict, machine: Optional[dict] = None) -> str:
     head = (f"{'model':34s} {'size':>4s} {'params':>7s} {'infer img/s':>11s} {'latency ms':>10s} "
             f"{'train step s':>12s} {'train img/s':>11s} {'peak MB':>8s}")
-    lines = [f"device {args['device']}, {args['threads']} threads, batch {args['batch_size']}, "
+    where = (f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; "
+             if machine and 'error' not in machine else '')
+    lines = [f"{where}device {args['device']}, {args['threads']} threads, batch {args['batch_size']}, "
              f"{'AMP ' + args['amp_dtype'] if args['amp_dtype'] else 'float32'}"
              f"{', compiled' if args['compile'] else ''}{', channels-last' if args['channels_last'] else ''}"
              f"{', malloc keeps freed memory' if args.get('keep_freed_memory') else ''}",
@@ -341,6 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             specs.append({'kind': 'onnxruntime', 'name': path, 'onnx': os.path.join(onnx_dir, f'{len(specs)}.onnx')})
     specs += [{'kind': 'timm', 'name': n} for n in ns.timm]
     runs = [[] for _ in specs]
+    machine = run_isolated({'name': 'machine'}, args, measure_machine)
     try:
         for spec in specs:
             if spec['kind'] == 'onnxruntime':  # once, before the timed rounds
@@ -358,11 +379,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if onnx_dir:
             shutil.rmtree(onnx_dir, ignore_errors=True)
     rows = [_median_row(results) for results in runs]
-    print(format_table(rows, args))
+    print(format_table(rows, args, machine))
     _print_ratios(rows)
     if ns.json:
         with open(ns.json, 'w') as f:
-            json.dump({'settings': args, 'results': rows}, f, indent=1)
+            json.dump({'settings': args, 'machine': machine, 'results': rows}, f, indent=1)
     return 0
 
 

@@ -25,6 +25,9 @@ def test_benchmark_rows_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert 'msg_demo' in table and 'MG-SSAF-demo' in table and 'train step s' in table
     assert 'malloc keeps freed memory' in table.splitlines()[0]
+    machine = json.loads(out.read_text())['machine']            # every table names its CPU and its matmul speed
+    assert machine['matmul_gflops'] > 0 and machine['device_name'] in table.splitlines()[0]
+    assert re.search(r'float32 matmul \d+ GFLOP/s', table.splitlines()[0])
 
 
 def test_median_row_takes_medians_and_the_largest_peak():
