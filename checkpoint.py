@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from models import kernels
+
 CHECKPOINT_VERSION = 2  # 2: epoch = last completed epoch (official meaning); version 1 stored the next one
 _CKPT_RE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
 
@@ -366,6 +368,7 @@ def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Opti
         'world_size': world_size,
         'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS,
         'class_names': list(class_names) if class_names is not None else None,
+        'cpu_kernels': kernels.export(),  # this run's measured kernel choices: a resumed run computes alike
         'config': config.dump(),
         'version': CHECKPOINT_VERSION,
     }
@@ -394,6 +397,9 @@ def restore_training(ckpt: dict, path: str, *, model: nn.Module, optimizer: torc
         logger.warning(f"resume: '{path}' has no optimizer state; the optimizer starts fresh")
     if scaler.is_enabled() and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
+    taken = kernels.restore(ckpt.get('cpu_kernels'))
+    if taken:
+        logger.info(f'resume: {taken} CPU kernel choices of the interrupted run reused (the same machine)')
     if ckpt.get('amp'):
         logger.info("resume: the checkpoint's apex AMP state is not used (native torch.amp)")
     if model_ema is not None:

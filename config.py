@@ -56,6 +56,9 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.FUSED_ATTN = True           # scaled_dot_product_attention where it is exact; False: plain matmuls
+# CPU float32: per op and shape, oneDNN's fused kernels or the plain ops, whichever is faster on this CPU, measured
+# once ('auto'), or always one of them ('fused' / 'plain'); the environment variable MSGSSAF_CPU_KERNELS wins.
+_C.MODEL.CPU_KERNELS = 'auto'
 
 # MSG-Transformer (hustvl/MSG-Transformer)
 _C.MODEL.MSG = CN()
@@ -606,6 +609,7 @@ RULES: dict[str, Rule] = {
     'MODEL.DROP_PATH_RATE': _UNIT_OPEN,
     'MODEL.LABEL_SMOOTHING': _UNIT_OPEN,
     'MODEL.FUSED_ATTN': Flag(),
+    'MODEL.CPU_KERNELS': OneOf(('auto', 'fused', 'plain')),
     # Per-stage lists and the geometry (lengths, heads dividing channels, valid sizes) are checked by the model
     # itself when it is built, with the valid values in the message; here only what any model needs.
     'MODEL.MSG.PATCH_SIZE': Int(1),

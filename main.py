@@ -32,7 +32,7 @@ from data import Data, DataError, build_loader
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
 from lr_scheduler import ScheduleClock, build_scheduler
-from models import build_model, model_cost
+from models import build_model, kernels, model_cost
 from optimizer import build_optimizer, scaled_lrs
 from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
@@ -199,7 +199,17 @@ def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
     if config.EVAL_MODE:
         stats = evaluate(model, data.loader_val, run.device, run.precision, logger, print_freq=config.PRINT_FREQ)
         logger.info(f'Accuracy of the network on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%')
+    _log_cpu_kernels(logger)
     return 0
+
+
+def _log_cpu_kernels(logger: logging.Logger, _logged: list = []) -> None:  # noqa: B006 - once per process
+    """The CPU kernel choices of this process (models/kernels.py), once (after the first epoch or evaluation,
+    when every shape has been seen); nothing on GPU runs."""
+    line = kernels.summary()
+    if line and not _logged:
+        _logged.append(line)
+        logger.info(line)
 
 
 def train(run: Run, data: Data, model: nn.Module) -> int:
@@ -297,6 +307,7 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
         ema_acc1 = None
         if model_ema is not None:
             ema_acc1 = evaluate(model_ema, data.loader_val, device, run.precision, logger, header='Test EMA')['acc1']
+        _log_cpu_kernels(logger)  # after the first epoch and its evaluation: every shape has been seen
         improved = val['acc1'] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, val['acc1'])
         logger.info(f'Max accuracy: {state.max_accuracy:.2f}%')

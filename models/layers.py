@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
+from . import kernels
+
 __all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode', 'linear',
            'gelu_mlp', 'linear_gelu', 'linear_add', 'channels_last_weight_',
            'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
@@ -134,24 +136,47 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _dnnl(x: torch.Tensor, fc: nn.Linear, activation: str = 'none') -> torch.Tensor:
+    """oneDNN's linear with the bias (and an exact-erf GELU) fused: the private op, used only in this module."""
+    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, activation, [], '' if activation == 'none'
+                                              else 'none')
+
+
+def _dnnl_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + oneDNN linear, the add fused into the GEMM (a fresh tensor)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, 'add')
+
+
+def _plain(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    return F.linear(x, fc.weight, fc.bias)
+
+
 def linear(x: torch.Tensor, fc: nn.Linear, onednn: bool) -> torch.Tensor:
-    """fc(x); through oneDNN when ``onednn`` (``onednn_ok`` says when it may)."""
-    if not onednn:
+    """fc(x); where ``onednn`` (``onednn_ok`` says when it may), oneDNN's fused linear if it is the faster on this
+    CPU for this shape (``kernels.use_fused``)."""
+    if not onednn or not kernels.use_fused('linear', (x, fc.weight), lambda: _dnnl(x, fc), lambda: _plain(x, fc)):
         return fc(x)
     if torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad
                                     or (fc.bias is not None and fc.bias.requires_grad)):
         return _OneDNNLinear.apply(x, fc.weight, fc.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'none', [], '')
+    return _dnnl(x, fc)
 
 
 def linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
-    """Exact (erf) GELU of fc(x), fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, 'gelu', [], 'none')
+    """Exact (erf) GELU of fc(x), fused into the oneDNN GEMM or not, whichever is faster here (no autograd)."""
+    if kernels.use_fused('linear_gelu', (x, fc.weight), lambda: _dnnl(x, fc, 'gelu'),
+                         lambda: F.gelu(_plain(x, fc))):
+        return _dnnl(x, fc, 'gelu')
+    return F.gelu(_plain(x, fc))
 
 
 def linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + fc(x), a fresh tensor, the add fused into the oneDNN GEMM (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, 'add')
+    """residual + fc(x), a fresh tensor, the add fused into the oneDNN GEMM or not, whichever is faster here
+    (no autograd)."""
+    if kernels.use_fused('linear_add', (x, fc.weight), lambda: _dnnl_add(x, fc, residual),
+                         lambda: torch.add(residual, _plain(x, fc))):
+        return _dnnl_add(x, fc, residual)
+    return torch.add(residual, _plain(x, fc))
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -199,10 +224,15 @@ class _GeluMlp(torch.autograd.Function):
 
 
 def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``fc2(gelu(fc1(x)))`` (``+ residual`` if given) through oneDNN, only where ``onednn_ok``. With autograd the
-    memory-saving ``_GeluMlp``; without it the GELU and the residual add fused into the GEMMs."""
+    """``fc2(gelu(fc1(x)))`` (``+ residual`` if given), only where ``onednn_ok``. With autograd the memory-saving
+    ``_GeluMlp`` if oneDNN's GEMMs are the faster here, else the plain modules; without autograd the GELU and the
+    residual add fused into the GEMMs, each op as fast as this CPU runs it."""
     if torch.is_grad_enabled():
-        y = _GeluMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if kernels.use_fused('mlp', (x, fc1.weight, fc2.weight), lambda: _dnnl(F.gelu(_dnnl(x, fc1)), fc2),
+                             lambda: _plain(F.gelu(_plain(x, fc1)), fc2)):
+            y = _GeluMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        else:
+            y = fc2(F.gelu(fc1(x)))
         return y if residual is None else residual + y
     h = linear_gelu(x, fc1)
     return linear(h, fc2, True) if residual is None else linear_add(h, fc2, residual)

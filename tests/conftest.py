@@ -24,7 +24,16 @@ def subprocess_env() -> dict:
     env.pop('RANK', None)
     env.pop('WORLD_SIZE', None)
     env.pop('LOCAL_RANK', None)
+    env.pop('MSGSSAF_CPU_KERNELS', None)
     return env
+
+
+@pytest.fixture(autouse=True)
+def fused_cpu_kernels(monkeypatch):
+    """In-process tests run the fused CPU kernels wherever a model may (models/kernels.py; the environment wins
+    over MODEL.CPU_KERNELS), so that tests of the fast paths test them whatever this CPU would choose; tests of
+    the choice itself set other policies. Subprocesses start without it (``subprocess_env``): they choose."""
+    monkeypatch.setenv('MSGSSAF_CPU_KERNELS', 'fused')
 
 
 @pytest.fixture(scope='session')

@@ -75,3 +75,32 @@ def test_decisions_travel_with_a_checkpoint_on_the_same_machine():
     kernels.reset()
     other = dict(saved, machine=dict(saved['machine'], cpu='another CPU'))
     assert kernels.restore(other) == 0 and not kernels.decisions()
+
+
+@pytest.mark.parametrize('policy', ['auto', 'plain', 'fused'])
+@pytest.mark.parametrize('family', ['msg', 'mgssaf'])
+def test_every_kernel_policy_matches_the_official_outputs(policy, family, monkeypatch):
+    """Whatever the CPU chooses, the model computes the official function: the T parity fixtures under each policy
+    (auto measures every op's two kernels here, then runs the mixture it chose), in eval and with autograd."""
+    import os
+    import timm
+    import models  # noqa: F401
+    from fill import fill_
+    fixtures = os.path.join(os.path.dirname(__file__), 'fixtures')
+    if family == 'msg':
+        model = fill_(timm.create_model('msg_transformer_tiny'), seed=0).eval()
+        ref = torch.load(os.path.join(fixtures, 'msg_tiny.parity.pt'))
+    else:
+        from test_mg_ssaf import _official_filled
+        model = timm.create_model('mg_ssaf_tiny').eval()
+        model.load_state_dict(_official_filled('tiny'))
+        ref = torch.load(os.path.join(fixtures, 'mgssaf_tiny.parity.pt'), weights_only=False)
+    monkeypatch.setenv(kernels.ENV_VAR, policy)
+    x = torch.randn(ref['input_shape'], generator=torch.Generator().manual_seed(ref['input_seed']))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            logits = model(x)
+        rel = ((logits.detach().double() - ref['logits'].double()).norm() / ref['logits'].double().norm()).item()
+        assert rel <= 1e-5, (grad, rel)
+    if policy == 'auto':
+        assert {k[0] for k in kernels.decisions()} >= {'linear', 'linear_add', 'linear_gelu'}

@@ -176,9 +176,12 @@ def test_too_many_nonfinite_in_a_row_stops():
 
 
 def _torchrun(args, nproc=2):
+    """Runs compared with each other for bit-identical weights fix the CPU kernels: measured choices could differ
+    between two runs (each run carries its own choices through its checkpoints)."""
     cmd = [PYTHON, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(free_port()),
            os.path.join(ROOT, 'main.py')] + args
-    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = dict(subprocess_env(), MSGSSAF_CPU_KERNELS='fused')
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
