@@ -70,7 +70,8 @@ def _build(spec: dict, img_size: Optional[int]):
     if spec['kind'] == 'cfg':
         from config import load_config_file
         from models import build_model
-        opts = ['MODEL.DROP_PATH_RATE', '0.0'] + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
+        opts = ['MODEL.DROP_PATH_RATE', '0.0', 'MODEL.CPU_KERNELS', spec.get('cpu_kernels') or 'auto']
+        opts += ['DATA.IMG_SIZE', str(img_size)] if img_size else []
         cfg = load_config_file(spec['name'], opts)
         return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME, cfg
     import timm
@@ -186,9 +187,11 @@ def measure(spec: dict, args: dict) -> dict:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from models import kernels
     return {'model': name, 'img_size': size, 'params_m': n_params / 1e6, 'batch': b,
             'infer_img_s': b / t_inf, 'latency_ms': 1000 * t_lat, 'train_step_s': t_train,
-            'train_img_s': b / t_train, 'peak_mem_mb': peak_mb}
+            'train_img_s': b / t_train, 'peak_mem_mb': peak_mb,
+            'cpu_kernels': kernels.summary() if cfg is not None and device.type == 'cpu' else None}
 
 
 def measure_machine(spec: dict, args: dict) -> dict:
@@ -323,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="glibc malloc keeps freed memory (utils.keep_freed_memory, as main.py sets for CPU runs) "
                              "in every model's process; default: the C library's defaults")
+    parser.add_argument('--cpu-kernels', choices=['auto', 'fused', 'plain'], default='auto',
+                        help="our models' CPU kernels (MODEL.CPU_KERNELS): measured per shape, or fixed")
     parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every model this many times, round-robin, and report medians')
@@ -352,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     onnx_dir = tempfile.mkdtemp(prefix='benchmark-onnx-') if ns.onnxruntime else ''
     specs = []
     for path in ns.cfg:
-        specs.append({'kind': 'cfg', 'name': path})
+        specs.append({'kind': 'cfg', 'name': path, 'cpu_kernels': ns.cpu_kernels})
         from config import load_config_file
         root = ns.official_msg if load_config_file(path).MODEL.TYPE == 'msg' else ns.official_mgssaf
         if root:
@@ -381,6 +386,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [_median_row(results) for results in runs]
     print(format_table(rows, args, machine))
     _print_ratios(rows)
+    for r in rows:
+        if r.get('cpu_kernels'):
+            print(f"{r['model']}: {r['cpu_kernels']}")
     if ns.json:
         with open(ns.json, 'w') as f:
             json.dump({'settings': args, 'machine': machine, 'results': rows}, f, indent=1)
