@@ -231,29 +231,45 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def training_position(ckpt: dict) -> tuple[int, int]:
+    """(epochs completed, batches done in the next epoch) of a training checkpoint, of any version."""
+    epoch = int(ckpt['epoch'])
+    return (epoch - 1 if ckpt.get('version') == 1 else epoch), int(ckpt.get('step_in_epoch') or 0)
+
+
 def find_resume_checkpoint(output_dir: str, logger: logging.Logger) -> Optional[tuple[str, dict]]:
-    """Newest checkpoint in ``output_dir`` that reads back whole (``last.pth`` or ``ckpt_epoch_*.pth``), with its
-    contents; a corrupt newest file is skipped with a warning and the previous one taken."""
+    """The furthest training checkpoint in ``output_dir`` that reads back whole (``last.pth`` or the
+    ``ckpt_epoch_*.pth`` of the highest epoch), with its contents. Ordered by what they hold, not by modification
+    time (a copy without ``-p`` reorders those); a corrupt file is skipped with a warning and the next one taken."""
     for stale in glob.glob(os.path.join(output_dir, '*.pth.tmp.*')):  # left by a process killed while saving
         try:
             os.remove(stale)
         except FileNotFoundError:
             pass
-    candidates = list_checkpoints(output_dir)
-    last = os.path.join(output_dir, 'last.pth')
-    if os.path.isfile(last):
-        candidates.append(last)
-    candidates.sort(key=os.path.getmtime)
-    for p in reversed(candidates):
+
+    def readable(path: str) -> Optional[dict]:
         try:
-            ckpt = load_checkpoint_file(p)
+            ckpt = load_checkpoint_file(path)
         except CheckpointError as e:
             logger.warning(f'auto-resume: skipping unreadable checkpoint: {e}')
-            continue
-        if 'model' in ckpt and 'epoch' in ckpt:
-            return p, ckpt
-        logger.warning(f"auto-resume: '{p}' is not a training checkpoint, skipping it")
-    return None
+            return None
+        if 'model' in ckpt and isinstance(ckpt.get('epoch'), int):
+            return ckpt
+        logger.warning(f"auto-resume: '{path}' is not a training checkpoint, skipping it")
+        return None
+
+    best = None
+    for path in reversed(list_checkpoints(output_dir)):  # highest epoch first
+        ckpt = readable(path)
+        if ckpt is not None:
+            best = (path, ckpt)
+            break
+    last = os.path.join(output_dir, 'last.pth')
+    if os.path.isfile(last):
+        ckpt = readable(last)
+        if ckpt is not None and (best is None or training_position(ckpt) >= training_position(best[1])):
+            best = (last, ckpt)
+    return best
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
@@ -277,7 +293,8 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     return [[names[id(p)] for p in group['params']] for group in optimizer.param_groups]
 
 
-def official_optimizer_param_names(model: nn.Module, official_sd: dict[str, torch.Tensor]) -> list[list[Optional[str]]]:
+def official_optimizer_param_names(model: nn.Module, official_sd: dict[str, torch.Tensor],
+                                   also_exempt: frozenset = frozenset()) -> list[list[Optional[str]]]:
     """Our names for the parameters of each param group of the official optimizer, in its order.
 
     The official ``build_optimizer`` makes two groups from ``model.named_parameters()``, [decayed, not decayed],
@@ -289,7 +306,7 @@ def official_optimizer_param_names(model: nn.Module, official_sd: dict[str, torc
     dropped = set(dropped)
     ours = dict(zip([k for k in official_sd if k not in dropped], converted))
     buffers = {name for name, _ in model.named_buffers()}
-    skip = getattr(model, 'official_no_weight_decay', getattr(model, 'no_weight_decay', set))()
+    skip = getattr(model, 'official_no_weight_decay', getattr(model, 'no_weight_decay', set))() | also_exempt
     keywords = getattr(model, 'no_weight_decay_keywords', set)()
     decay, no_decay = [], []
     for key, value in official_sd.items():
@@ -299,6 +316,22 @@ def official_optimizer_param_names(model: nn.Module, official_sd: dict[str, torc
         exempt = value.dim() <= 1 or key.endswith('.bias') or key in skip or any(k in key for k in keywords)
         (no_decay if exempt else decay).append(name)
     return [decay, no_decay]
+
+
+def saved_optimizer_param_names(ckpt: dict, model: nn.Module, path: str = '') -> list[list[Optional[str]]]:
+    """The parameter names of each param group of ``ckpt['optimizer']``: stored by our version-2 checkpoints;
+    for the others, the grouping rule that wrote them, recognised by its group sizes: the official one, or our
+    version 1's (which exempted the MSG tokens)."""
+    if ckpt.get('optimizer_param_names'):
+        return ckpt['optimizer_param_names']
+    sd = extract_state_dict(ckpt, path)
+    sizes = [len(g['params']) for g in ckpt['optimizer'].get('param_groups', [])]
+    rules = [frozenset(), frozenset({'msg_tokens'})]  # official; our version 1
+    candidates = [official_optimizer_param_names(model, sd, rule) for rule in rules]
+    for names in candidates:
+        if [len(n) for n in names] == sizes:
+            return names
+    return candidates[0]  # load_optimizer_state names the mismatch
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict,
@@ -357,12 +390,14 @@ def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Opti
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'optimizer_param_names': optimizer_param_names(optimizer, model),
+        'optimizer_type': type(optimizer).__name__,
         'lr_scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict(),
         'model_ema': model_ema.state_dict() if model_ema is not None else None,
         'epoch': state.epoch - 1,
         'step_in_epoch': state.step_in_epoch,
         'num_updates': state.num_updates,
+        'nonfinite_in_row': state.nonfinite_in_row,
         'max_accuracy': state.max_accuracy,
         'batch_size': config.DATA.BATCH_SIZE,
         'world_size': world_size,
@@ -390,9 +425,13 @@ def restore_training(ckpt: dict, path: str, *, model: nn.Module, optimizer: torc
     load_model_weights(model, extract_state_dict(ckpt, path), path, logger)
     official = 'version' not in ckpt
     if isinstance(ckpt.get('optimizer'), dict):
-        names = (ckpt.get('optimizer_param_names')
-                 or official_optimizer_param_names(model, extract_state_dict(ckpt, path)))
-        load_optimizer_state(optimizer, model, ckpt['optimizer'], names, path, logger)
+        saved_type = ckpt.get('optimizer_type')
+        if saved_type and saved_type != type(optimizer).__name__:
+            raise CheckpointError(f"'{path}' holds the state of {saved_type}, this run uses "
+                                  f"{type(optimizer).__name__}: set TRAIN.OPTIMIZER.NAME as it was, or start with "
+                                  f"--pretrained")
+        load_optimizer_state(optimizer, model, ckpt['optimizer'], saved_optimizer_param_names(ckpt, model, path),
+                             path, logger)
     else:
         logger.warning(f"resume: '{path}' has no optimizer state; the optimizer starts fresh")
     if scaler.is_enabled() and ckpt.get('scaler'):
@@ -411,6 +450,10 @@ def restore_training(ckpt: dict, path: str, *, model: nn.Module, optimizer: torc
     state.epoch = epoch if ckpt.get('version') == 1 else epoch + 1  # version 1 stored the next epoch
     state.step_in_epoch = int(ckpt.get('step_in_epoch') or 0)
     state.max_accuracy = float(ckpt.get('max_accuracy') or 0.0)
+    state.nonfinite_in_row = int(ckpt.get('nonfinite_in_row') or 0)
+    if ckpt.get('version') == 1:
+        logger.info('resume: a version-1 checkpoint of this code: its LR schedule and MSG-token weight decay '
+                    'now follow the official recipe (README, Recipe)')
     saved = (ckpt.get('batch_size'), ckpt.get('world_size'), ckpt.get('accumulation_steps') or accumulation)
     now = (batch_size, world_size, accumulation)
     if not official and saved != now:

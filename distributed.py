@@ -83,6 +83,18 @@ def all_reduce_sum(values) -> torch.Tensor:
     return work.to(t.device)
 
 
+def agree_on_every_rank(values: list[int]) -> bool:
+    """True on every rank if every rank holds the same ``values`` (one collective: the maximum of the values and
+    of their negations, i.e. max and -min)."""
+    t = torch.tensor([float(v) for v in values] + [-float(v) for v in values])
+    if not is_dist():
+        return True
+    work = t.to(comm_device())
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    high, neg_low = work.cpu().tensor_split(2)
+    return bool(torch.equal(high, -neg_low))
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank."""
     return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)

@@ -37,8 +37,8 @@ from optimizer import build_optimizer, scaled_lrs
 from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
                         training_checkpoint)
-from distributed import (any_rank, barrier, init_distributed, is_collective_failure, is_dist, launched, process_rank,
-                         resolve_device, shutdown)
+from distributed import (agree_on_every_rank, any_rank, barrier, init_distributed, is_collective_failure, is_dist,
+                         launched, process_rank, resolve_device, shutdown)
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
@@ -78,6 +78,8 @@ def resolve_precision(config, device: torch.device, logger) -> Precision:
                     f'{"off" if not config.AMP_ENABLE else "on (" + config.AMP_DTYPE + ")"}')
     dtype = getattr(torch, config.AMP_DTYPE)
     enabled = bool(config.AMP_ENABLE)
+    if enabled and device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f'{torch.cuda.get_device_name(device)} has no bfloat16: use --amp-dtype float16')
     if enabled and device.type == 'cpu' and dtype == torch.float16:
         logger.info('AMP float16 is a GPU feature: this CPU run uses float32 (use --amp-dtype bfloat16 for CPU AMP)')
         enabled = False
@@ -157,6 +159,8 @@ def setup(args: argparse.Namespace) -> Run:
         keep_freed_memory()  # no page faults for tensors freed and made again every step (utils.keep_freed_memory)
     prepare_output(config.OUTPUT)
     rank, world_size = init_distributed(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as both official mains: fixed input sizes, convolutions tuned once
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
     for note in config_notes():
         logger.info(note)
@@ -237,19 +241,22 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
                     f'official code)')
 
     # Continue a run (ours or official), or start from pretrained weights.
-    resume_path, ckpt = config.MODEL.RESUME, None
-    if config.TRAIN.AUTO_RESUME:
-        found = find_resume_checkpoint(config.OUTPUT, logger)
-        if found:
-            if resume_path and os.path.abspath(resume_path) != os.path.abspath(found[0]):
-                logger.warning(f"auto-resume: using '{found[0]}' from the output folder instead of '{resume_path}'")
-            resume_path, ckpt = found
+    resume_path = config.MODEL.RESUME
+    found = find_resume_checkpoint(config.OUTPUT, logger) if config.TRAIN.AUTO_RESUME else None
+    if found:
+        if resume_path and os.path.abspath(resume_path) != os.path.abspath(found[0]):
+            logger.warning(f"auto-resume: using '{found[0]}' from the output folder instead of '{resume_path}'")
+        resume_path = found[0]
     if resume_path:
-        restore_training(ckpt if ckpt is not None else load_checkpoint_file(resume_path), resume_path, model=model,
+        restore_training(found[1] if found else load_checkpoint_file(resume_path), resume_path, model=model,
                          optimizer=optimizer, scaler=scaler, model_ema=model_ema, state=state,
                          batch_size=config.DATA.BATCH_SIZE, world_size=world_size, accumulation=accum,
                          updates_per_epoch=clock.updates_per_epoch, logger=logger)
-        del ckpt
+        found = None  # it holds the whole checkpoint: one more copy of the run in host memory otherwise
+        if not agree_on_every_rank([state.epoch, state.step_in_epoch, state.num_updates]):
+            raise CheckpointError(f"the processes resumed from different places (epoch {state.epoch} step "
+                                  f"{state.step_in_epoch} here): is '{config.OUTPUT}' the same folder on every node, "
+                                  f"and readable by all?")
         position = clock.step_before(state.epoch, state.step_in_epoch)
         if position is not None:
             scheduler.step_update(position)
@@ -262,8 +269,10 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
     # which hang when ranks hold different numbers of validation batches.
     eval_model = compile_model(model, logger) if config.TRAIN.COMPILE else model
     if is_dist():
+        # Buffers are constants (index tables): no broadcast per forward, as in the official code.
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
+            model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False,
+            broadcast_buffers=False)
     model = compile_model(model, logger) if config.TRAIN.COMPILE else model
     criterion = build_criterion(config, data.mixup_fn is not None)
     stop = StopRequest()
@@ -291,8 +300,8 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
             logger.warning(f'epoch {epoch}: skipped {stats["skipped_images"]} unreadable images, '
                            f'{stats["nonfinite_steps"]} updates with non-finite loss')
         if not stats['stopped'] and any_rank(stop()):
-            # Asked to stop after the epoch's last update: checkpoint at the boundary and skip evaluation.
-            state.epoch, state.step_in_epoch = epoch + 1, 0
+            # Asked to stop after the epoch's last update: checkpoint that (the whole epoch trained, not yet
+            # evaluated), so the rerun evaluates and checkpoints this epoch before it goes on.
             stats['stopped'] = True
         if stats['stopped']:
             if rank == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from collections import Counter
@@ -409,9 +410,6 @@ def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = Non
                            skip_corrupt=is_train and config.DATA.SKIP_CORRUPT, logger=logger)
 
 
-PREFETCH_BATCHES = 4  # per worker
-
-
 class Data(NamedTuple):
     """What ``build_loader`` returns; the training parts are None for evaluation-only runs."""
     dataset_train: Optional[SafeImageFolder]
@@ -422,12 +420,22 @@ class Data(NamedTuple):
     class_names: list[str]
 
 
-def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool, persistent: bool,
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn API
+    """Data workers ignore SIGTERM and SIGINT: a job-wide SIGTERM (torchrun forwards it to each worker's whole
+    process group, as cluster schedulers do) or a Ctrl-C would otherwise kill them in mid-step, and the main
+    process, whose loader then fails, could not stop at the next update and checkpoint. They still end with their
+    loader, or when the main process dies (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool,
             pin_memory: bool) -> DataLoader:
+    """Workers are not persistent: they end with each pass over the data, so none outlives the run (workers that
+    ignore SIGTERM must not be left for the interpreter's exit to terminate). Prefetch as PyTorch's default."""
     workers = config.DATA.NUM_WORKERS
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop_last, persistent_workers=persistent and workers > 0,
-                      prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+                      drop_last=drop_last, worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None)
 
 
 def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Logger] = None, train: bool = True,
@@ -439,7 +447,7 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     pin = bool(config.DATA.PIN_MEMORY) and device is not None and device.type == 'cuda'
     dataset_val = build_dataset(config, is_train=False, logger=logger)
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,
-                         config.DATA.BATCH_SIZE, drop_last=False, persistent=True, pin_memory=pin)
+                         config.DATA.BATCH_SIZE, drop_last=False, pin_memory=pin)
     if not train:
         if logger is not None:
             logger.info(f'data: val {describe_split(dataset_val)}')
@@ -457,7 +465,5 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set gives {len(sampler)} images per process, fewer than one batch of "
                         f"{config.DATA.BATCH_SIZE}; lower --batch-size")
-    # Every sample carries its own seed (the sampler's), so workers can persist across epochs.
-    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, persistent=True,
-                           pin_memory=pin)
+    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin)
     return Data(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config), class_names)

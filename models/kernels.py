@@ -136,7 +136,8 @@ def cpu_name() -> str:
 
 
 def _machine() -> dict:
-    return {'cpu': cpu_name(), 'capability': torch.backends.cpu.get_cpu_capability(), 'torch': torch.__version__}
+    return {'cpu': cpu_name(), 'capability': str(torch.backends.cpu.get_cpu_capability()),
+            'torch': str(torch.__version__)}  # plain str: weights_only loading takes no TorchVersion
 
 
 def export() -> dict:

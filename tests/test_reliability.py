@@ -399,3 +399,36 @@ def test_an_error_every_rank_hits_is_printed_once_under_a_launcher(tmp_path, dig
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if 'error:' in ln and 'did you mean' in ln]
     assert lines == ["error: unknown config key 'TRAIN.EPOHCS' in --opts (did you mean 'TRAIN.EPOCHS'?)"], proc.stderr
     assert proc.returncode == 1 and 'exitcode  : 2' in proc.stderr
+
+
+def test_sigterm_to_torchrun_with_loader_workers_checkpoints(tmp_path, digits_dir):
+    """torchrun forwards SIGTERM to each worker's whole process group, DataLoader workers included (as cluster
+    schedulers do): the workers leave it to the main process, which stops at the next update and checkpoints."""
+    run_dir = os.path.join(tmp_path, 'msg_demo', 'default')
+    proc = _torchrun(_train_args(tmp_path, digits_dir, epochs=2) + ['DATA.NUM_WORKERS', '1'])
+    _wait_for(lambda: 'Train: [0/2][5/' in _read_log(run_dir), proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert 'stop requested: checkpoint written at epoch 0' in out, out[-3000:]
+    assert 'Traceback' not in out.split('stop requested')[0] and 'killed by signal' not in out
+    ckpt = torch.load(os.path.join(run_dir, 'last.pth'), weights_only=True)
+    assert 0 < ckpt['step_in_epoch'] < 25
+
+
+def test_stop_after_an_epochs_last_update_evaluates_that_epoch_on_rerun(tmp_path, digits_dir):
+    """A stop that lands after the last update of an epoch writes last.pth with the whole epoch done; the rerun
+    evaluates and checkpoints that epoch (no epoch is left without its evaluation and ckpt_epoch file)."""
+    out = tmp_path / 'run'
+    base = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(out), '--opts', *FAST, *TINY]
+    assert main_py(base + ['TRAIN.EPOCHS', '1']).returncode == 0
+    run_dir = out / 'msg_demo' / 'default'
+    ckpt = torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)
+    batches = 200 // 16                                       # the digits' 200 training images, batch 16
+    ckpt.update(epoch=0, step_in_epoch=batches)             # epoch 1 trained, not evaluated (as a late stop leaves it)
+    torch.save(ckpt, run_dir / 'last.pth')
+    proc = main_py(base + ['TRAIN.EPOCHS', '2'])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'continuing at epoch 1 step {batches}' in proc.stdout and 'Train: [1/2]' not in proc.stdout
+    assert (run_dir / 'ckpt_epoch_1.pth').exists() and not (run_dir / 'last.pth').exists()
+    rows = [json.loads(ln) for ln in open(run_dir / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows] == [0, 1]

@@ -152,3 +152,72 @@ def test_weights_only_file_is_not_a_training_checkpoint(tmp_path):
         restore_training(load_checkpoint_file(path), path, model=model, optimizer=optimizer, scaler=scaler,
                          model_ema=None, state=TrainState(), batch_size=16, world_size=1, accumulation=1,
                          updates_per_epoch=10, logger=LOG)
+
+
+def test_our_version_1_checkpoint_of_msg_resumes(tmp_path):
+    """Version 1 of this code exempted the MSG tokens and stored no parameter names: its grouping is recognised
+    by the group sizes, and every moment goes to its parameter."""
+    cfg, old_model, _, _, _ = _setup(OFFICIAL['official_msg_train.pth'] + ['MODEL.MSG.DECAY_MSG_TOKENS', 'False'])
+    old_opt = build_optimizer(cfg, old_model, lr=1e-3)
+    old_model(torch.randn(2, 3, 64, 64)).sum().backward()
+    old_opt.step()
+    path = str(tmp_path / 'ckpt_epoch_2.pth')
+    torch.save({'model': old_model.state_dict(), 'optimizer': old_opt.state_dict(), 'epoch': 3, 'step_in_epoch': 0,
+                'max_accuracy': 5.0, 'batch_size': 16, 'world_size': 1, 'version': 1}, path)
+    cfg, model, optimizer, scaler, _ = _setup(OFFICIAL['official_msg_train.pth'])      # today's default grouping
+    state = TrainState()
+    restore_training(load_checkpoint_file(path), path, model=model, optimizer=optimizer, scaler=scaler,
+                     model_ema=None, state=state, batch_size=16, world_size=1, accumulation=1, updates_per_epoch=10,
+                     logger=LOG)
+    assert state.epoch == 3                                                # version 1 stored the next epoch
+    old_params = dict(old_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(optimizer.state[p]['exp_avg'], old_opt.state[old_params[name]]['exp_avg'])
+
+
+def test_optimizer_of_another_kind_is_refused(tmp_path):
+    from checkpoint import CheckpointError
+    path = _our_checkpoint(tmp_path, 0, 16, 1, 1)
+    cfg, model, _, scaler, _ = _setup(OFFICIAL['official_msg_train.pth'] + ['TRAIN.OPTIMIZER.NAME', 'sgd'])
+    optimizer = build_optimizer(cfg, model, lr=1e-3)
+    with pytest.raises(CheckpointError, match='holds the state of AdamW, this run uses SGD'):
+        restore_training(load_checkpoint_file(path), path, model=model, optimizer=optimizer, scaler=scaler,
+                         model_ema=None, state=TrainState(), batch_size=16, world_size=1, accumulation=1,
+                         updates_per_epoch=10, logger=LOG)
+
+
+def test_auto_resume_orders_by_content_not_modification_time(tmp_path):
+    """After a copy without -p the modification times are the copy order; the files say how far they are."""
+    from checkpoint import find_resume_checkpoint
+    for epoch, mtime in ((299, 1000), (297, 3000), (298, 2000)):
+        p = tmp_path / f'ckpt_epoch_{epoch}.pth'
+        save_checkpoint(str(p), {'model': {'w': torch.zeros(1)}, 'epoch': epoch, 'version': 2})
+        os.utime(p, (mtime, mtime))
+    found = find_resume_checkpoint(str(tmp_path), LOG)
+    assert found[0].endswith('ckpt_epoch_299.pth')
+    save_checkpoint(str(tmp_path / 'last.pth'), {'model': {'w': torch.zeros(1)}, 'epoch': 298, 'step_in_epoch': 7,
+                                                  'version': 2})
+    os.utime(tmp_path / 'last.pth', (10, 10))
+    assert find_resume_checkpoint(str(tmp_path), LOG)[0].endswith('ckpt_epoch_299.pth')   # behind epoch 299
+    save_checkpoint(str(tmp_path / 'last.pth'), {'model': {'w': torch.zeros(1)}, 'epoch': 299, 'step_in_epoch': 7,
+                                                  'version': 2})
+    os.utime(tmp_path / 'last.pth', (10, 10))
+    assert find_resume_checkpoint(str(tmp_path), LOG)[0].endswith('last.pth')             # 7 batches into 300
+
+
+def _ranks_agree(rank, world, port, out):
+    import torch.distributed as dist
+    import distributed
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    same = distributed.agree_on_every_rank([3, 10, 40])
+    differ = distributed.agree_on_every_rank([3, 10 + rank, 40])
+    torch.save((same, differ), os.path.join(out, f'{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_ranks_check_that_they_resumed_the_same_place(tmp_path):
+    import torch.multiprocessing as tmp_mp
+    from conftest import free_port
+    tmp_mp.spawn(_ranks_agree, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f'{r}.pt') for r in (0, 1)] == [(True, False), (True, False)]
