@@ -951,7 +951,7 @@ def _cfg(variant: str) -> dict[str, Any]:
         license='mit',
         origin_url='https://github.com/shuaiyang11/MG-SSAF',
         paper_name='MG-SSAF: An advanced vision Transformer (J. Vis. Commun. Image Represent., 2025)',
-        weights=f'the released {_RELEASED_FILES[variant]} (official layout; Google Drive link in the official README)',
+        weights=f'the released {_RELEASED_FILES[variant]}, official layout, linked from the official README',
     )
 
 

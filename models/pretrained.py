@@ -79,9 +79,11 @@ def pretrained_cfg(
         origin_url=origin_url,
         paper_name=paper_name,
         paper_ids=paper_ids,
-        notes=(f'weights: {weights}; no download location is registered, load a file with '
-               f"pretrained=True, pretrained_cfg_overlay=dict(file='<path>')",),
+        notes=(f'weights: {weights}', _LOAD_A_FILE),
     )
+
+
+_LOAD_A_FILE = "no download location is registered: load a file with pretrained_cfg_overlay=dict(file='<path>')"
 
 
 def _construct(cls: Callable[..., nn.Module], device: Any = None, dtype: Optional[torch.dtype] = None,
@@ -98,9 +100,8 @@ def _check_weights_source(variant: str, pretrained_cfg: Any) -> None:
     or fail on a missing path with an empty message)."""
     path = pretrained_cfg.file
     if not (path or pretrained_cfg.url or pretrained_cfg.hf_hub_id or pretrained_cfg.state_dict):
-        notes = ' '.join(pretrained_cfg.notes or ())
-        raise ValueError(f'{variant}: no pretrained weights are downloaded ({notes}); or build with '
-                         f'pretrained=False and load a checkpoint yourself')
+        weights = next((n for n in pretrained_cfg.notes or () if n.startswith('weights: ')), 'weights: unknown')
+        raise ValueError(f'{variant}: no pretrained weights are downloaded; {_LOAD_A_FILE} ({weights})')
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{variant}: pretrained file not found: '{path}'")
 

@@ -86,8 +86,8 @@ def test_pretrained_without_a_file_is_a_clear_error(tmp_path, monkeypatch):
 
     for fn in ('load_state_dict_from_url', 'load_state_dict_from_hf', 'download_cached_file'):
         monkeypatch.setattr(builder, fn, no_download)
-    with pytest.raises(ValueError, match=r"no pretrained weights are downloaded .*MG-SSAF-T\.pth.*"
-                                         r"pretrained_cfg_overlay=dict\(file="):
+    with pytest.raises(ValueError, match=r"no pretrained weights are downloaded; .*pretrained_cfg_overlay=dict\(file="
+                                         r".*MG-SSAF-T\.pth"):
         timm.create_model('mg_ssaf_tiny', pretrained=True)
     with pytest.raises(ValueError, match='no pretrained weights are downloaded'):
         timm.create_model('msg_transformer_tiny', pretrained=True)
@@ -327,3 +327,28 @@ def test_fx_traced_model_matches_eager(cls):
     assert grads[1].keys() == grads[0].keys() and all(g is not None for g in grads[1].values())
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------- tools/run_timm_suite.py
+
+def test_timm_suite_copy_only_appends_our_modules():
+    from tools.run_timm_suite import with_our_modules
+    source = "A = 1\nFEAT_INTER_FILTERS = [\n    'vit', 'swin_transformer',\n]\n\nNON_STD_FILTERS = ['vit_*']\n"
+    changed = with_our_modules(source)
+    assert changed.replace(changed.splitlines()[4] + '\n', '', 1) == source  # one line added, nothing else
+    scope = {}
+    exec(changed, scope)
+    assert scope['FEAT_INTER_FILTERS'] == ['vit', 'swin_transformer', 'msg_transformer', 'mg_ssaf']
+    assert scope['NON_STD_FILTERS'] == ['vit_*']
+
+
+def test_timm_suite_without_network_says_so_and_passes(monkeypatch, capsys):
+    import tools.run_timm_suite as suite
+
+    def offline(version, folder):
+        raise RuntimeError('ERROR: No matching distribution found for timm==1.0.31')
+
+    monkeypatch.setattr(suite, 'fetch_test_models', offline)
+    assert suite.main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith('timm suite: skipped, cannot fetch the timm ')

@@ -33,7 +33,7 @@ def fetch_test_models(version: str, folder: str) -> str:
     """Download timm's sdist and extract its tests/test_models.py into ``folder``. Returns its text.
     Raises RuntimeError (with pip's last line) if the download fails."""
     proc = subprocess.run([sys.executable, '-m', 'pip', 'download', f'timm=={version}', '--no-binary', ':all:',
-                           '--no-deps', '--quiet', '-d', folder],
+                           '--no-deps', '--quiet', '--retries', '2', '-d', folder],
                           capture_output=True, text=True)
     archives = [f for f in os.listdir(folder) if f.startswith('timm-') and f.endswith('.tar.gz')]
     if proc.returncode != 0 or not archives:
@@ -74,9 +74,11 @@ def main(argv: list[str]) -> int:
         summary = 'no summary'
         with subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as proc:
-            for line in proc.stdout:  # streamed: the run takes minutes
-                sys.stdout.write(line)
+            line = ''
+            for char in iter(lambda: proc.stdout.read(1), ''):  # streamed as it comes: the run takes minutes
+                sys.stdout.write(char)
                 sys.stdout.flush()
+                line = '' if char == '\n' else line + char
                 found = re.match(r'^=* ?(\d+ (?:passed|failed|errors?|skipped|deselected).*?) in [\d.]+s', line)
                 if found:
                     summary = found.group(1)
