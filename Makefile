@@ -1,5 +1,5 @@
 # make demo   - create .venv if missing, train a small model on real images (2 CPU processes), evaluate it
-# make test   - create .venv if missing, run the test suite
+# make test   - create .venv if missing, run the test suite, then timm's own model tests on our six models
 # make bench  - speed table for the T variants and Swin-T (see benchmark.py)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) tools/run_timm_suite.py
 
 bench: $(STAMP)
 	$(PY) benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml --timm swin_tiny_patch4_window7_224

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from models import kernels
+from models.pretrained import fit_state_dict  # shared with timm's checkpoint_filter_fn
 
 CHECKPOINT_VERSION = 2  # 2: epoch = last completed epoch (official meaning); version 1 stored the next one
 _CKPT_RE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
@@ -150,31 +150,19 @@ def load_model_weights(model: nn.Module, sd: dict[str, torch.Tensor], path: str 
     model.load_state_dict(sd, strict=True)
 
 
-def _resize_rel_pos_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
-    """Bicubic resize of a (L, nH) relative-position table laid out on a (2W-1)^2 square grid."""
-    old_side, new_side = int(round(table.shape[0] ** 0.5)), int(round(new_len ** 0.5))
-    if old_side ** 2 != table.shape[0] or new_side ** 2 != new_len:
-        raise CheckpointError(f'cannot resize a relative-position table of {table.shape[0]} rows to {new_len}')
-    grid = table.float().t().reshape(1, -1, old_side, old_side)  # 1, nH, S, S
-    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
-    return grid.reshape(-1, new_len).t().to(table.dtype)  # L', nH
-
-
 def load_pretrained(model: nn.Module, path: str, logger: logging.Logger) -> None:
     """Weights for fine-tuning: a head of another size is re-initialised, relative-position tables are resized
-    bicubically when the window differs; everything else must match exactly."""
+    bicubically when the window differs (``models.pretrained.fit_state_dict``, as timm's pretrained loading does);
+    everything else must match exactly."""
     ckpt = load_checkpoint_file(path)
     sd = adapt_state_dict(model, extract_state_dict(ckpt, path), logger)
+    try:
+        sd = fit_state_dict(sd, model, log=lambda msg: logger.info(f'pretrained: {msg}'))
+    except ValueError as e:
+        raise CheckpointError(f"'{path}': {e}") from None
     own = model.state_dict()
     for k in list(sd):
-        if k not in own or sd[k].shape == own[k].shape:
-            continue
-        if k.endswith('relative_position_index') or k.endswith('attn_mask'):
-            sd[k] = own[k]  # recomputed buffers: take the model's own
-        elif k.endswith('relative_position_bias_table') and sd[k].dim() == 2 and sd[k].shape[1] == own[k].shape[1]:
-            logger.info(f'pretrained: resizing {k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)} (bicubic)')
-            sd[k] = _resize_rel_pos_table(sd[k], own[k].shape[0])
-        elif k.startswith('head.'):
+        if k.startswith('head.') and k in own and sd[k].shape != own[k].shape:
             logger.info(f'pretrained: re-initialising {k} ({tuple(sd[k].shape)} in file, {tuple(own[k].shape)} in model)')
             sd[k] = own[k]
     load_model_weights(model, sd, path)

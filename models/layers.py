@@ -21,7 +21,8 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
 from . import kernels
 
-__all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode', 'linear',
+__all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode',
+           'plain_only', 'msg_rows_only_ok', 'linear',
            'gelu_mlp', 'linear_gelu', 'linear_add', 'channels_last_weight_',
            'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
 
@@ -108,12 +109,44 @@ except ImportError:  # pragma: no cover
 # official ops and MACs (``models.cost`` counts the architecture); the oneDNN ops (and MSG-Transformer's
 # MSG-only last block) are implementation shortcuts such modes need not know.
 
+# --- scripting / tracing guard (the one place that decides it; ``onednn_ok`` and the models ask it) -------------
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover - torch < 2.3
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
+
+
+def plain_only() -> bool:
+    """True where only the plain modules may run: while TorchScript compiles the model (``torch.jit.script``),
+    while ``torch.fx`` (timm / torchvision feature extraction) or ``torch.jit.trace`` trace it, and under a
+    ``TorchDispatchMode``. The eager shortcuts (oneDNN ops, custom autograd Functions, in-place writes into
+    fresh tensors, the MSG-only last block) are neither scriptable nor traceable; the plain path computes the
+    same function. The model switches by itself: callers never choose.
+
+    Scriptable: under TorchScript the first branch is a compile-time constant, so the rest is never compiled."""
+    if torch.jit.is_scripting():
+        return True
+    return _fx_tracing() or torch.jit.is_tracing() or in_dispatch_mode()
+
+
+def msg_rows_only_ok() -> bool:
+    """Whether MSG-Transformer's last block may compute its MSG rows only (plain PyTorch ops, exact): wherever the
+    shortcuts may run, and also under ``torch.export`` (ONNX), which traces under a dispatch mode; not under the
+    FLOP counter (which counts the official full path), scripting or fx tracing."""
+    if torch.jit.is_scripting():
+        return False
+    return not plain_only() or torch.compiler.is_exporting()
+# ------------------------------------------------------------------------------------------------------------
+
 
 def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """CPU float32 without autocast (which F.linear would follow), outside dispatch modes, and eager only:
-    under ``torch.compile`` inductor fuses the epilogues itself (and cannot lower this op on live weights)."""
-    return (_DNNL_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and not in_dispatch_mode()
+    under ``torch.compile`` inductor fuses the epilogues itself (and cannot lower this op on live weights); never
+    where ``plain_only()`` (scripting, tracing)."""
+    if torch.jit.is_scripting():  # a compile-time constant there: the rest is not compiled (it is not scriptable)
+        return False
+    return (not plain_only() and _DNNL_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling())
 
 

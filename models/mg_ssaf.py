@@ -30,36 +30,42 @@ ws window size, nW windows per image, N = ws*ws tokens per window):
 * Head: LayerNorm, global average pool, ``head_hidden`` (1x1 conv, 1280 wide) + GELU, classifier.
 
 Layout: the public entry points take NCHW images; everything after the stem runs channels-last (NHWC), so
-1x1 convs are ``nn.Linear`` and LayerNorm is ``F.layer_norm`` over the last dim. Depthwise convs run on a
-channels-last NCHW view of the NHWC tensor (no copy). ``forward_intermediates`` returns NCHW maps.
+1x1 convs are ``nn.Linear`` and LayerNorm is ``F.layer_norm`` over the last dim. Depthwise convs (``ConvNHWC``)
+run on a channels-last NCHW view of the NHWC tensor (no copy). ``forward_features`` returns the normed last map
+(NHWC, timm's unpooled features), ``forward_head`` pools it and applies ``head_hidden`` + GELU (the official
+``forward_features`` output: ``forward_head(..., pre_logits=True)``) and the classifier;
+``forward_intermediates`` returns NCHW maps.
 On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
 autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
-(``use_onednn = False`` on blocks and merges: plain modules). The convs that ``_conv_nhwc`` runs on channels-last
+(``use_onednn = False`` on blocks and merges: plain modules). The convs that run on channels-last
 views (the stem's last conv, the 3x3 depthwise convs) keep channels-last weights (no weight reorder per call,
-gradients in the weights' own strides).
+gradients in the weights' own strides). Scripted or traced (``torch.jit.script``, ``torch.fx``) the model takes
+the plain modules by itself (``layers.plain_only``; the oneDNN code is eager-only, ``@torch.jit.unused``).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
 MS-SSAF-B.py (r = 0.75); MS-SSAF-T/S.py compute ``local = nH * r`` instead, which coincides at their r = 0.5.
 """
-from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, to_2tuple, trunc_normal_
-from timm.models import register_model
+from timm.layers import DropPath, get_device_dtype, register_notrace_function, to_2tuple, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok
+from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok, plain_only
+from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
+                         update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
-           'valid_img_sizes_multiple']
+           'valid_img_sizes_multiple', 'checkpoint_filter_fn']
 
 LN_EPS = 1e-6               # every LayerNorm of the official model
 STEM_STRIDE = 4             # two stride-2 convs: the stem's "patch size"
@@ -69,19 +75,32 @@ MLP_KERNEL_SIZE = 3         # ConvMlp's depthwise conv before the expansion
 MLP_HIDDEN_KERNEL_SIZE = 7  # ConvMlp's depthwise conv on the expanded features
 MERGE_KERNEL_SIZE = 3       # PatchMerging's stride-2 depthwise conv
 NUM_GLOBAL_GROUPS = 3       # global heads: pooled windows, horizontal strips, vertical strips
+GLOBAL_POOLS = ('avg', '')  # 'avg': mean over the final map; '': keep the map (head_hidden and head per position)
 
 _IntPair = Union[int, tuple[int, int]]
 
 
-def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv`` on an NHWC tensor through a channels-last NCHW view (no layout copies).
+class ConvNHWC(nn.Conv2d):
+    """``nn.Conv2d`` on NHWC tensors, through a channels-last NCHW view (no layout copies); same parameters and
+    state_dict entries as the ``nn.Conv2d``.
 
-    Args:
-        x: (B, H, W, C)
-    Returns:
-        (B, H', W', C')
+    ``fast_backward=True`` (a stride-1, "same"-padded depthwise conv with an odd kernel): in eager mode through
+    ``_DepthwiseConvSame``, the same function with a faster weight gradient; scripted or traced the plain conv.
     """
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # B, C, H, W (channels-last) -> B, H', W', C'
+
+    def __init__(self, *args: Any, fast_backward: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast_backward = fast_backward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, H, W, C). Returns: (B, H', W', C')."""
+        if self.fast_backward and not plain_only():
+            return self._forward_fast_backward(x)
+        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)  # B, H', W', C'
+
+    @torch.jit.unused
+    def _forward_fast_backward(self, x: torch.Tensor) -> torch.Tensor:
+        return _depthwise_conv_nhwc(x, self)
 
 
 class _DepthwiseConvSame(torch.autograd.Function):
@@ -123,7 +142,8 @@ class _DepthwiseConvSame(torch.autograd.Function):
 
 
 def _depthwise_conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``_conv_nhwc`` for a stride-1, "same"-padded depthwise ``conv`` with an odd kernel (faster backward).
+    """``conv`` on an NHWC tensor, for a stride-1, "same"-padded depthwise ``conv`` with an odd kernel, with the
+    faster backward (eager only: ``ConvNHWC(fast_backward=True)`` calls it).
 
     Args:
         x: (B, H, W, C)
@@ -133,7 +153,7 @@ def _depthwise_conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return _DepthwiseConvSame.apply(x.permute(0, 3, 1, 2), conv.weight, conv.bias).permute(0, 2, 3, 1)
 
 
-def _avg_pool_nhwc(x: torch.Tensor, kernel_size: tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
+def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
     """Average pooling of an NHWC tensor (through a channels-last NCHW view; ``stride`` defaults to the kernel).
 
     Args:
@@ -141,7 +161,8 @@ def _avg_pool_nhwc(x: torch.Tensor, kernel_size: tuple[int, int], stride: Option
     Returns:
         (B, H', W', C)
     """
-    return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, stride).permute(0, 2, 3, 1)  # B, H', W', C
+    strides = kernel_size if stride is None else (stride, stride)
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, strides).permute(0, 2, 3, 1)  # B, H', W', C
 
 
 class StemConv(nn.Module):
@@ -153,14 +174,14 @@ class StemConv(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, hidden, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(hidden, embed_dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.conv3 = channels_last_weight_(nn.Conv2d(embed_dim, embed_dim, kernel_size=3, stride=1, padding=1))
+        self.conv3 = channels_last_weight_(ConvNHWC(embed_dim, embed_dim, kernel_size=3, stride=1, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, C_in, H, W). Returns: (B, H/4, W/4, C)."""
         x = F.gelu(self.conv1(x))
         x = self.conv2(x).permute(0, 2, 3, 1)  # B, H/4, W/4, C
         x = F.gelu(self.norm(x))
-        return _conv_nhwc(x, self.conv3)
+        return self.conv3(x)
 
 
 class AttentionFusion(nn.Module):
@@ -187,14 +208,16 @@ class AttentionFusion(nn.Module):
             (B', nH, Nq, d)
         """
         Bq, kh, kw, nH, Nq = attn.shape
+        spatial_bias, mix_bias = self.spatial.bias, self.mix.bias
+        assert spatial_bias is not None and mix_bias is not None  # built with biases (TorchScript needs it said)
         weight = self.spatial.weight.repeat_interleave(Nq, dim=0)  # nH*Nq, 1, k, k
-        bias = self.spatial.bias.repeat_interleave(Nq)
+        bias = spatial_bias.repeat_interleave(Nq)
         maps = attn.reshape(Bq, kh, kw, nH * Nq).permute(0, 3, 1, 2)  # B', nH*Nq, kh, kw (channels-last)
         fused = F.gelu(F.conv2d(maps, weight, bias, padding=self.spatial.padding, groups=nH * Nq))
         fused = fused.permute(0, 2, 3, 1).reshape(Bq * kh * kw, nH, Nq)  # B'*kh*kw, nH, Nq
         attn = torch.baddbmm(attn.reshape(Bq * kh * kw, nH, Nq), self.mix.weight.expand(Bq * kh * kw, nH, nH), fused)
         attn = attn.view(Bq, kh * kw, nH, Nq).permute(0, 2, 3, 1)  # B', nH, Nq, kh*kw
-        mix_bias = self.mix.bias[:, None, None]  # nH, 1, 1
+        mix_bias = mix_bias[:, None, None]  # nH, 1, 1
         if self.training and self.attn_drop.p > 0:
             return self.attn_drop(attn + mix_bias) @ v
         # mix's bias adds b_h to every weight of head h, i.e. b_h * sum(v) to every output: cheaper there.
@@ -310,31 +333,30 @@ class MultiGranularityAttention(nn.Module):
             out = self.attn_drop(attn) @ k  # B, nH_g, H*W, d
         return out.transpose(1, 2).reshape(B, H, W, -1)  # B, H, W, nH_g*d
 
-    def attend(self, x: torch.Tensor, onednn: bool = False) -> torch.Tensor:
-        """Everything but ``proj`` (so that ``MGSSAFBlock`` can fuse it with the residual add).
+    def attend(self, qk: torch.Tensor) -> torch.Tensor:
+        """Everything between ``proj_qk`` and ``proj`` (so that ``MGSSAFBlock``'s oneDNN path can run those GEMMs
+        through oneDNN and fuse ``proj`` with the residual add).
 
         Args:
-            x: (B, H, W, C) normed tokens.
-            onednn: ``proj_qk`` through oneDNN (see ``layers.linear``).
+            qk: (B, H, W, 2C), ``proj_qk`` of the normed tokens.
         Returns:
             (B, H, W, C), the GELU of the concatenated head outputs.
         """
-        qk = linear(x, self.proj_qk, onednn)  # B, H, W, 2C
         local_dim, group_dim = 2 * self.local_heads * self.head_dim, 2 * self.group_heads * self.head_dim
         # One split (its backward is one cat; slicing would zero-fill a full-size gradient per slice).
-        local, window, strip_h, strip_v = qk.split([local_dim] + [group_dim] * NUM_GLOBAL_GROUPS, dim=-1)
-        outs = []
-        if self.local_heads:
+        local, window, strip_h, strip_v = qk.split([local_dim, group_dim, group_dim, group_dim], dim=-1)
+        outs: List[torch.Tensor] = []
+        if self.local_fusion is not None:  # local heads
             outs.append(self._local(local))
-        if self.group_heads:
+        if self.global_fusion is not None:  # global heads
             outs += [self._pooled_window(window),
                      self._pooled_strips(strip_h, horizontal=True),
                      self._pooled_strips(strip_v, horizontal=False)]
         return F.gelu(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0])  # B, H, W, C
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
-        return self.proj_drop(self.proj(self.attend(x)))
+        """Args: x: (B, H, W, C) normed tokens. Returns: (B, H, W, C)."""
+        return self.proj_drop(self.proj(self.attend(self.proj_qk(x))))
 
 
 class ConvMlp(nn.Module):
@@ -344,30 +366,36 @@ class ConvMlp(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.dwconv = channels_last_weight_(
-            nn.Conv2d(dim, dim, MLP_KERNEL_SIZE, padding=MLP_KERNEL_SIZE // 2, groups=dim))  # channels-last input
+            ConvNHWC(dim, dim, MLP_KERNEL_SIZE, padding=MLP_KERNEL_SIZE // 2, groups=dim))  # channels-last input
         self.pwconv1 = nn.Linear(dim, hidden_dim)
-        self.hidden_dwconv = nn.Conv2d(hidden_dim, hidden_dim, MLP_HIDDEN_KERNEL_SIZE,
-                                       padding=MLP_HIDDEN_KERNEL_SIZE // 2, groups=hidden_dim)
+        # 7x7: its weight gradient dominates the backward, hence the faster one
+        self.hidden_dwconv = ConvNHWC(hidden_dim, hidden_dim, MLP_HIDDEN_KERNEL_SIZE,
+                                      padding=MLP_HIDDEN_KERNEL_SIZE // 2, groups=hidden_dim, fast_backward=True)
         self.pwconv2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, onednn: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
+        x = F.gelu(self.pwconv1(self.dwconv(self.norm(x))))
+        return self.drop(self.pwconv2(self.hidden_dwconv(x)))
+
+    @torch.jit.unused
+    def forward_onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward`` with the pointwise convs through oneDNN (``layers.linear``; eager only).
+
         Args:
             x: (B, H, W, C)
-            onednn: the pointwise convs through oneDNN (see ``layers.linear``).
-            residual: (B, H, W, C), only with ``onednn`` and without autograd (eval): return ``residual + mlp(x)``
-                with the GELU and the add fused into the GEMMs.
+            residual: (B, H, W, C), only without autograd (eval): return ``residual + mlp(x)`` with the GELU and
+                the add fused into the GEMMs.
         Returns:
             (B, H, W, C)
         """
-        x = _conv_nhwc(self.norm(x), self.dwconv)
+        x = self.dwconv(self.norm(x))
         if residual is not None:
-            x = _depthwise_conv_nhwc(linear_gelu(x, self.pwconv1), self.hidden_dwconv)
+            x = self.hidden_dwconv(linear_gelu(x, self.pwconv1))
             return linear_add(x, self.pwconv2, residual)
-        x = F.gelu(linear(x, self.pwconv1, onednn))
-        x = _depthwise_conv_nhwc(x, self.hidden_dwconv)  # 7x7: its weight gradient dominates the backward
-        return self.drop(linear(x, self.pwconv2, onednn))
+        x = F.gelu(linear(x, self.pwconv1, True))
+        return self.drop(linear(self.hidden_dwconv(x), self.pwconv2, True))
 
 
 class MGSSAFBlock(nn.Module):
@@ -407,14 +435,21 @@ class MGSSAFBlock(nn.Module):
         self.use_onednn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
-        onednn = self.use_onednn and onednn_ok(x, self.attn.proj.weight)
-        a = self.attn.attend(self.norm1(x), onednn)
-        if onednn and not self.training and not torch.is_grad_enabled():  # eval: no dropout or drop path
+        """Args: x: (B, H, W, C). Returns: (B, H, W, C). The plain modules, or (``onednn_ok``: CPU float32,
+        eager) the same function through oneDNN."""
+        if self.use_onednn and onednn_ok(x, self.attn.proj.weight):
+            return self._forward_onednn(x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(x))
+
+    @torch.jit.unused
+    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn.attend(linear(self.norm1(x), self.attn.proj_qk, True))
+        if not self.training and not torch.is_grad_enabled():  # eval: no dropout or drop path
             x = linear_add(a, self.attn.proj, x)
-            return self.mlp(x, onednn, residual=x)
-        x = x + self.drop_path(self.attn.proj_drop(linear(a, self.attn.proj, onednn)))
-        return x + self.drop_path(self.mlp(x, onednn))
+            return self.mlp.forward_onednn(x, residual=x)
+        x = x + self.drop_path(self.attn.proj_drop(linear(a, self.attn.proj, True)))
+        return x + self.drop_path(self.mlp.forward_onednn(x))
 
 
 class PatchMerging(nn.Module):
@@ -423,8 +458,9 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.dwconv = channels_last_weight_(nn.Conv2d(  # channels-last input
+        self.dwconv = channels_last_weight_(ConvNHWC(  # channels-last input
             dim, dim, MERGE_KERNEL_SIZE, stride=MERGE_STRIDE, padding=MERGE_KERNEL_SIZE // 2, groups=dim))
+        self.stride = MERGE_STRIDE  # of the shortcut's pool too (an attribute: TorchScript reads no globals)
         self.pwconv1 = nn.Linear(dim, out_dim)
         self.pwconv2 = nn.Linear(out_dim, out_dim)
         self.shortcut = nn.Linear(dim, out_dim)
@@ -432,12 +468,16 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H/2, W/2, 2C)."""
-        onednn = self.use_onednn and onednn_ok(x, self.pwconv1.weight)
-        shortcut = linear(self.norm(_avg_pool_nhwc(x, (MERGE_STRIDE, MERGE_STRIDE))), self.shortcut, onednn)
-        x = _conv_nhwc(self.norm(x), self.dwconv)  # B, H/2, W/2, C
-        if onednn:
-            return gelu_mlp(x, self.pwconv1, self.pwconv2, residual=shortcut)
+        if self.use_onednn and onednn_ok(x, self.pwconv1.weight):
+            return self._forward_onednn(x)
+        shortcut = self.shortcut(self.norm(_avg_pool_nhwc(x, (self.stride, self.stride))))  # B, H/2, W/2, 2C
+        x = self.dwconv(self.norm(x))  # B, H/2, W/2, C
         return self.pwconv2(F.gelu(self.pwconv1(x))) + shortcut
+
+    @torch.jit.unused
+    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = linear(self.norm(_avg_pool_nhwc(x, (self.stride, self.stride))), self.shortcut, True)
+        return gelu_mlp(self.dwconv(self.norm(x)), self.pwconv1, self.pwconv2, residual=shortcut)
 
 
 class MGSSAFStage(nn.Module):
@@ -452,7 +492,7 @@ class MGSSAFStage(nn.Module):
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H, W, C), before the downsample."""
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
@@ -498,11 +538,20 @@ def _global_heads(num_heads: int, ratio: float, stage: int) -> int:
     return heads
 
 
-class MGSSAF(nn.Module):
-    """MG-SSAF backbone and classifier. Takes NCHW images; stages run NHWC.
+@register_notrace_function  # one node of a traced graph, so that it checks the real input size there
+def check_input_size(H: int, W: int, multiple: int) -> None:
+    """Raise ValueError unless the input's height and width are multiples of ``multiple``."""
+    if H % multiple != 0 or W % multiple != 0:
+        raise ValueError(f'input {H}x{W}: height and width must be multiples of {multiple}')
 
-    ``forward_features`` returns the pooled, 1x1-projected features (B, head_hidden_dim) as the official
-    ``forward_features`` does; ``forward_intermediates`` gives the spatial maps.
+
+class MGSSAF(nn.Module):
+    """MG-SSAF backbone and classifier, with timm's model API. Takes NCHW images; stages run NHWC.
+
+    ``forward_features`` gives the normed last-stage map, NHWC (``output_fmt``), (B, H/32, W/32, C);
+    ``forward_head`` pools it (``global_pool='avg'``), applies ``head_hidden`` (the official 1x1 conv, 1280 wide)
+    and GELU -- the official ``forward_features`` output, the pre-logits -- and the classifier.
+    ``forward_intermediates`` gives the maps of the stages (timm's signature and return value).
     """
 
     def __init__(
@@ -511,6 +560,7 @@ class MGSSAF(nn.Module):
             patch_size: int = STEM_STRIDE,
             in_chans: int = 3,
             num_classes: int = 1000,
+            global_pool: str = 'avg',
             embed_dim: int = 96,
             depths: Sequence[int] = (2, 2, 6, 2),
             num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -531,6 +581,8 @@ class MGSSAF(nn.Module):
             img_size: input (H, W) or side; each must be a multiple of ``valid_img_sizes_multiple(...)``
                 (224 for the released models with window 7).
             patch_size: stride of the conv stem; must be 4 (two stride-2 convs).
+            num_classes: classifier outputs; 0 for no classifier (``forward`` returns the pre-logits).
+            global_pool: 'avg' or '' (no pooling: ``forward`` returns a map, head_hidden / head per position).
             global_ratio: per stage, the share of heads attending to pooled keys (0 = all local).
             width: per stage, thickness of the pooled horizontal / vertical strips (used where ratio > 0).
             window_size: side of the local windows and of the pooled windows.
@@ -554,22 +606,25 @@ class MGSSAF(nn.Module):
         for i, (g, s) in enumerate(zip(num_global, width)):
             if g and s <= 0:
                 raise ValueError(f'stage {i} has global heads, so width[{i}] must be positive, got {s}')
+        _check_pool(global_pool)
+        self.width, self.global_ratio = tuple(width), tuple(global_ratio)
         self.img_size = to_2tuple(img_size)
-        self.size_multiple = multiple = valid_img_sizes_multiple(num_stages, window_size, width, global_ratio)
-        if any(side <= 0 or side % multiple for side in self.img_size):
-            raise ValueError(f'img_size {self.img_size} is not supported with window_size {window_size} and '
-                             f'width {tuple(width)}: height and width must be positive multiples of {multiple} '
-                             f'(e.g. {multiple}, {2 * multiple}, {3 * multiple})')
+        self.size_multiple = self._check_geometry(self.img_size, window_size)
+        self.in_chans = in_chans
         self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'  # of forward_features
         self.window_size = window_size
-        self.num_features = self.head_hidden_dim = head_hidden_dim
         dims = [embed_dim * MERGE_STRIDE ** i for i in range(num_stages)]
-        self.feature_info = [dict(num_chs=dims[i], reduction=STEM_STRIDE * MERGE_STRIDE ** i, module=f'layers.{i}')
-                             for i in range(num_stages)]
+        self.num_features = dims[-1]
+        self.head_hidden_size = self.head_hidden_dim = head_hidden_dim
+        # module: the map's block (for timm's hook / fx feature extractors; features_only uses forward_intermediates)
+        self.feature_info = [dict(num_chs=dims[i], reduction=STEM_STRIDE * MERGE_STRIDE ** i,
+                                  module=f'layers.{i}.blocks.{depths[i] - 1}') for i in range(num_stages)]
 
         self.patch_embed = StemConv(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth, rising per block
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # stochastic depth, per block
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             blocks = [MGSSAFBlock(
@@ -596,6 +651,15 @@ class MGSSAF(nn.Module):
         self.set_grad_checkpointing(use_checkpoint)
         self.register_load_state_dict_pre_hook(_accept_official_keys)
 
+    def _check_geometry(self, img_size: tuple[int, int], window_size: int) -> int:
+        """Returns the size multiple of ``window_size``; raises ValueError if ``img_size`` is not one."""
+        multiple = valid_img_sizes_multiple(len(self.width), window_size, self.width, self.global_ratio)
+        if any(side <= 0 or side % multiple for side in img_size):
+            raise ValueError(f'img_size {img_size} is not supported with window_size {window_size} and '
+                             f'width {self.width}: height and width must be positive multiples of {multiple} '
+                             f'(e.g. {multiple}, {2 * multiple}, {3 * multiple})')
+        return multiple
+
     def _init_weights(self) -> None:
         """The official initialisation: He-normal (fan-out) for the stem and merging layers, truncated normal
         for the classifier, PyTorch defaults elsewhere (a 1x1 conv's default equals its Linear's)."""
@@ -609,6 +673,7 @@ class MGSSAF(nn.Module):
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
 
+    # ------------------------------------------------------------------------------------------- timm model API
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """No parameter is exempted by name: norms and biases are 1-D, which the optimizer already skips."""
@@ -624,6 +689,20 @@ class MGSSAF(nn.Module):
         return set()
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in depth order (timm's layer-wise LR decay): the stem, then each block; a stage's
+        PatchMerging and the final norm join the group of the block before them (timm's 99999 suffix);
+        head_hidden and the classifier last."""
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+)\.downsample', (99999,)),
+                (r'^layers\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         for stage in self.layers:
@@ -633,60 +712,132 @@ class MGSSAF(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier (``num_classes=0``: none; ``forward`` then returns the features)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0``: none; ``forward`` then returns the pre-logits), on the
+        model's device and dtype and in its train/eval mode; ``global_pool`` ('avg' or '') if given."""
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, **get_device_dtype(self))
+                     if num_classes > 0 else nn.Identity())
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
+
+    def set_input_size(self, img_size: Optional[_IntPair] = None, window_size: Optional[int] = None) -> None:
+        """Change the nominal input size and/or the window size (no weight depends on either; the pooled windows
+        and strips follow the grid). ``forward`` takes any size the geometry admits anyway. Raises ValueError (the
+        model unchanged) if the size does not fit the window."""
+        hw = self.img_size if img_size is None else to_2tuple(img_size)
+        ws = self.window_size if window_size is None else window_size
+        multiple = self._check_geometry(hw, ws)
+        for m in self.modules():
+            if isinstance(m, MultiGranularityAttention):
+                m.window_size = ws
+        self.img_size, self.window_size, self.size_multiple = hw, ws, multiple
+        update_model_input_size(self, hw, window_size=ws)
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Convert an official or our state_dict to ours; returns it and the unused official keys it dropped."""
         return convert_official_state_dict(state_dict)
 
+    # ------------------------------------------------------------------------------------------- forward passes
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, C_in, H, W). Returns: (B, H/4, W/4, C). Any size the model admits, not only img_size."""
-        H, W = x.shape[-2:]
-        if H % self.size_multiple or W % self.size_multiple:
-            raise ValueError(f'input {H}x{W}: height and width must be multiples of {self.size_multiple}')
+        check_input_size(x.shape[-2], x.shape[-1], self.size_multiple)
         return self.pos_drop(self.patch_embed(x))
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Multi-scale features for dense heads.
-
-        Args:
-            x: (B, C_in, H, W) images.
-        Returns:
-            one NCHW map per stage, (B, C_i, H / s_i, W / s_i) with strides s_i = 4, 8, 16, 32 and
-            C_i = embed_dim * 2**i: the output of stage i's blocks, before its PatchMerging and before the final
-            norm. The maps are channels-last in memory (``.contiguous()`` if a consumer needs NCHW strides).
-        """
-        x = self._embed(x)
-        features = []
-        for stage in self.layers:
-            x = stage.forward_blocks(x)
-            features.append(x.permute(0, 3, 1, 2))  # B, C, H, W
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return features
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, C_in, H, W). Returns: (B, head_hidden_dim), pooled, projected and activated."""
+        """Args: x: (B, C_in, H, W). Returns: (B, H/32, W/32, C), the normed last-stage map (NHWC)."""
         x = self._embed(x)
         for stage in self.layers:
             x = stage(x)
-        x = self.norm(x).mean(dim=(1, 2))  # B, C
-        return F.gelu(self.head_hidden(x))
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Args: x: (B, head_hidden_dim). Returns: (B, num_classes), or x after dropout if ``pre_logits``."""
-        x = self.head_drop(x)
+        """Args: x: (B, h, w, C) from forward_features. Returns: (B, num_classes) logits, or the pre-logits
+        (B, head_hidden_dim) after dropout if ``pre_logits``; with global_pool='' per position, (B, h, w, ...)."""
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))  # B, C
+        x = self.head_drop(F.gelu(self.head_hidden(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, C_in, H, W). Returns: (B, num_classes) logits."""
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Multi-scale features for dense heads (timm's API, as its Swin).
+
+        Args:
+            x: (B, C_in, H, W) images.
+            indices: stages to return: the last n if an int, these (negative from the end) if a list, all if None.
+            norm: apply the final norm to the last stage's map.
+            stop_early: run no stage after the last one asked for.
+            output_fmt: 'NCHW' or 'NHWC' maps.
+            intermediates_only: return the maps only.
+
+        Returns:
+            (final, maps), or maps: stage i's map is the output of its blocks, before its PatchMerging,
+            (B, C_i, H / s_i, W / s_i) in NCHW with strides s_i = 4, 8, 16, 32 and C_i = embed_dim * 2**i; NCHW
+            maps are channels-last in memory (``.contiguous()`` if a consumer needs NCHW strides). ``final`` is
+            ``forward_features(x)``, or the last computed stage's map (NHWC) if stopped early.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        stop = max_index if stop_early else last
+        x = self._embed(x)
+        intermediates = []
+        for i, stage in enumerate(self.layers[:stop + 1]):
+            x = stage.forward_blocks(x)
+            if i in take_indices:
+                fmap = self.norm(x) if norm and i == last else x
+                intermediates.append(fmap.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else fmap)  # B, C, H, W
+            if i < stop and stage.downsample is not None:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if stop == last else x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and that stage's PatchMerging), and the final norm /
+        head (``head_hidden`` and the classifier) if asked (always when stages are dropped). Returns the absolute
+        indices kept (timm's API)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = None
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.head_hidden = nn.Identity()
+            self.head_hidden_size = self.num_features
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -783,37 +934,54 @@ def build_mg_ssaf(config: Any) -> MGSSAF:
     )
 
 
-_TIMM_FACTORY_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')  # passed by timm.create_model
+# T/S/B as data; window 7, width (0, 2, 2, 0), head 1280 are the constructor's defaults.
+_VARIANTS = {
+    'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), global_ratio=(0., 0.5, 0.5, 0.),
+                 drop_path_rate=0.2),
+    'small': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), global_ratio=(0., 0.5, 0.5, 0.),
+                  drop_path_rate=0.2),
+    'base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), global_ratio=(0., 0.75, 0.75, 0.),
+                 drop_path_rate=0.3),
+}
+_RELEASED_FILES = {'tiny': 'MG-SSAF-T.pth', 'small': 'MG-SSAF-S.pth', 'base': 'MG-SSAF-B.pth'}
+_NUM_STAGES, _WINDOW, _WIDTH = 4, 7, (0, 2, 2, 0)  # the constructor's defaults, for the cfgs
 
 
-def _create_mg_ssaf(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> MGSSAF:
-    if pretrained:
-        raise ValueError(f'{variant}: no pretrained weights are downloaded; build with pretrained=False and load '
-                         f'an official checkpoint with model.load_state_dict(torch.load(path)["model"])')
-    for name in _TIMM_FACTORY_ARGS:
-        kwargs.pop(name, None)
-    return MGSSAF(**{**defaults, **kwargs})
+def _cfg(variant: str) -> dict[str, Any]:
+    side = TRAIN_SIZE // (STEM_STRIDE * MERGE_STRIDE ** (_NUM_STAGES - 1))  # the last stage's grid: 7 at 224
+    return pretrained_cfg(
+        size_multiple=valid_img_sizes_multiple(_NUM_STAGES, _WINDOW, _WIDTH, _VARIANTS[variant]['global_ratio']),
+        pool_size=(side, side),
+        first_conv='patch_embed.conv1',
+        license='mit',
+        origin_url='https://github.com/shuaiyang11/MG-SSAF',
+        paper_name='MG-SSAF: An advanced vision Transformer (J. Vis. Commun. Image Represent., 2025)',
+        weights=f'the released {_RELEASED_FILES[variant]}, official layout, linked from the official README',
+    )
+
+
+default_cfgs = generate_default_cfgs({f'mg_ssaf_{v}.in1k': _cfg(v) for v in _VARIANTS})
+
+
+def _create_mg_ssaf(variant: str, pretrained: bool, **kwargs: Any) -> MGSSAF:
+    """The variant through timm's ``build_model_with_cfg`` (``models.pretrained.create``); kwargs override the
+    variant's defaults, unknown ones raise TypeError."""
+    return create(MGSSAF, f'mg_ssaf_{variant}', pretrained, _NUM_STAGES, **{**_VARIANTS[variant], **kwargs})
 
 
 @register_model
 def mg_ssaf_tiny(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-T (19.6M params); kwargs override the defaults."""
-    return _create_mg_ssaf('mg_ssaf_tiny', pretrained, dict(
-        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), global_ratio=(0., 0.5, 0.5, 0.),
-        drop_path_rate=0.2), **kwargs)
+    """MG-SSAF-T (19.6M params)."""
+    return _create_mg_ssaf('tiny', pretrained, **kwargs)
 
 
 @register_model
 def mg_ssaf_small(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-S (32.5M params); kwargs override the defaults."""
-    return _create_mg_ssaf('mg_ssaf_small', pretrained, dict(
-        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), global_ratio=(0., 0.5, 0.5, 0.),
-        drop_path_rate=0.2), **kwargs)
+    """MG-SSAF-S (32.5M params)."""
+    return _create_mg_ssaf('small', pretrained, **kwargs)
 
 
 @register_model
 def mg_ssaf_base(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-B (55.9M params); kwargs override the defaults."""
-    return _create_mg_ssaf('mg_ssaf_base', pretrained, dict(
-        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), global_ratio=(0., 0.75, 0.75, 0.),
-        drop_path_rate=0.3), **kwargs)
+    """MG-SSAF-B (55.9M params)."""
+    return _create_mg_ssaf('base', pretrained, **kwargs)

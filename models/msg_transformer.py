@@ -22,7 +22,9 @@ What it computes
   4x fewer windows; the groups are re-cut with the next stage's gs.
 * Head: final LayerNorm of the last stage's MSG tokens, mean over that stage's windows, linear classifier.
   At 224 (ws 7) the last stage is one window, so this is exactly the official output; the official code
-  returns one row per window at larger sizes, this averages them.
+  returns one row per window at larger sizes, this averages them. In timm's terms ``forward_features`` gives the
+  normed MSG tokens as a (B, H/ws, W/ws, C) map (H, W the last stage's patch grid; 1 x 1 at 224) and
+  ``forward_head`` pools it; ``forward_head(..., pre_logits=True)`` is the official ``forward_features``.
 
 Layout
 ------
@@ -56,7 +58,9 @@ Speed (exact shortcuts, same function)
 --------------------------------------
 * The head reads only the last stage's MSG tokens, so ``forward`` / ``forward_features`` run the very last
   block for the MSG query rows only (keys and values from every token; ``msg_only``); ``forward_intermediates``
-  runs it in full. With ``drop_rate > 0`` that block's dropout draws masks for fewer rows (other masks).
+  runs it in full where it returns the last stage's map (and, for its final features, once more for the MSG
+  rows: they are then ``forward_features``' bit for bit). With ``drop_rate > 0`` that block's dropout draws masks
+  for fewer rows (other masks).
 * On CPU in float32 the GEMMs go through oneDNN with the bias fused (``torch.ops.mkldnn._linear_pointwise``;
   in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
   and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs; in training without dropout the MLP
@@ -64,8 +68,11 @@ Speed (exact shortcuts, same function)
   (~10% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
   path and its residual add are one ``addcmul`` (timm's random draws).
 * The downsample convs, which read channels-last views, keep channels-last weights (no reorder per call).
-* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's;
-  ``torch.export`` (ONNX export), which traces under one, keeps the MSG-only last block.
+* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
+* Scripted (``torch.jit.script``) or traced (``torch.fx``, timm's feature extraction; ``torch.jit.trace``) the
+  model takes the plain full path by itself (``layers.plain_only``): the shortcuts above are eager-only code
+  (``@torch.jit.unused``), and the two in-place helpers are single nodes of an fx graph.
+* ``torch.export`` (ONNX export), which traces under a dispatch mode too, keeps the MSG-only last block.
 
 Weight decay
 ------------
@@ -75,22 +82,25 @@ parameter, so the MSG tokens are decayed, and the published accuracies were trai
 ``cls_token`` / ``pos_embed`` in DeiT/Swin (gs_0**2 * C = 16 * C numbers). ``'absolute_pos_embed'`` is exempt (with
 ape), and ``no_weight_decay_keywords()`` is the official ``{'relative_position_bias_table', 'rel_pos_msg'}``.
 """
-from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.layers import get_device_dtype, register_notrace_function, resample_abs_pos_embed
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, in_dispatch_mode, linear, linear_add,
-                     onednn_ok, relative_position_index, to_2tuple, trunc_normal_, window_reverse)
+from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, linear, linear_add, msg_rows_only_ok, onednn_ok,
+                     plain_only, relative_position_index, to_2tuple, trunc_normal_, window_reverse)
+from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
+                         update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
-__all__ = ['MSGTransformer', 'build_msg']
+__all__ = ['MSGTransformer', 'build_msg', 'checkpoint_filter_fn']
 
 PATCH_EMBED_KERNEL = 7   # official stem: 7x7 conv, stride patch_size
 MERGE_KERNEL = 3         # downsample conv between stages: 3x3, stride 2, padding 1 (halves even sizes)
@@ -99,6 +109,9 @@ INIT_STD = .02           # trunc-normal std of linear weights, bias tables and M
 MANIP_TYPES = ('shuf', 'none')
 
 
+# The in-place writes below are one node each for torch.fx (``register_notrace_function``): traced op by op,
+# their writes would have no output and timm's feature extraction would drop them as dead code.
+@register_notrace_function
 def shuffle_msg_(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Shuffle the MSG tokens inside each group of G = gs*gs windows, writing into ``x``.
 
@@ -121,6 +134,7 @@ def shuffle_msg_(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x
 
 
+@register_notrace_function
 def window_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int, group_size: int) -> torch.Tensor:
     """Windows with their MSG tokens in front, written in one pass (no partition copy then concatenation).
 
@@ -172,8 +186,8 @@ class MessengerAttention(nn.Module):
     patch query's MSG key and ``rel_pos_msg[:, 1]`` on every key of the MSG query (official layout).
     ``fused_attn`` runs ``F.scaled_dot_product_attention`` with the bias as a float mask (except when training
     on CPU, where no fused kernel returns the mask's gradient); otherwise plain matmuls + softmax (same
-    function, for debugging). ``MSGBlock`` calls ``attend`` (everything but ``proj``) so that it can fuse
-    ``proj`` with the residual add.
+    function, for debugging). ``MSGBlock``'s oneDNN path calls ``attend`` (everything between ``qkv`` and
+    ``proj``) so that it can run both GEMMs through oneDNN and fuse ``proj`` with the residual add.
     """
 
     def __init__(
@@ -197,7 +211,18 @@ class MessengerAttention(nn.Module):
         num_rel = (2 * window_size - 1) ** 2
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))  # (2ws-1)^2, nH
         self.rel_pos_msg = nn.Parameter(torch.zeros(num_heads, 2, 1, 1))  # nH, (patch->MSG, MSG->all), 1, 1
-        index = relative_position_index(window_size)  # ws*ws, ws*ws
+        self._init_index()
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _init_index(self) -> None:
+        """The index buffers of ``window_size``, on the table's device."""
+        num_heads, device = self.num_heads, self.relative_position_bias_table.device
+        num_rel = (2 * self.window_size - 1) ** 2
+        index = relative_position_index(self.window_size).to(device)  # ws*ws, ws*ws
         # Persistent only so that official checkpoints (which carry it) load strictly.
         self.register_buffer('relative_position_index', index)
         # Every (head, query, key) of the N tokens as an index into the flattened parameters
@@ -205,43 +230,50 @@ class MessengerAttention(nn.Module):
         # come back in their own layout (a transposed table would hand DDP a gradient of other strides).
         pair = F.pad(index, (1, 0, 1, 0), value=-1)  # N, N; row 0 = MSG query (-1), column 0 = MSG key (-2)
         pair[1:, 0] = -2
-        heads = torch.arange(num_heads).view(num_heads, 1, 1)
+        heads = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
         bias_index = torch.where(pair >= 0, pair * num_heads + heads,  # table[offset, h]
                                  num_rel * num_heads + heads * 2 + (pair == -1).long())  # rel_pos_msg[h, 0 or 1]
         self.register_buffer('bias_index', bias_index.flatten(), persistent=False)  # nH*N*N
 
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+    @torch.jit.ignore
+    def set_window_size(self, window_size: int) -> None:
+        """Another window: the relative-position table resized bicubically (as loading weights of another window
+        does, ``models.pretrained.fit_state_dict``), the index buffers recomputed."""
+        old = self.relative_position_bias_table
+        with torch.no_grad():
+            table = resize_rel_pos_table(old, (2 * window_size - 1) ** 2)  # (2ws-1)^2, nH
+        self.relative_position_bias_table = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.window_size = window_size
+        self._init_index()
 
     def attn_bias(self) -> torch.Tensor:
         """Returns: (nH, N, N) additive attention bias."""
-        N = self.window_size ** 2 + 1
+        N = self.window_size * self.window_size + 1
         table = torch.cat((self.relative_position_bias_table.reshape(-1), self.rel_pos_msg.reshape(-1)))
         return table.index_select(0, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
 
-    def attend(self, x: torch.Tensor, msg_only: bool = False, onednn: bool = False) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
         """Attention output before ``proj``.
 
         Args:
-            x: (B, nW, N, C) normed tokens.
+            qkv: (B, nW, N, 3C), ``qkv`` of the normed tokens.
             msg_only: queries of the MSG tokens only (keys and values from all tokens); exact for those rows.
-            onednn: the qkv GEMM through oneDNN (CPU float32 only).
 
         Returns:
             (B, nW, Nq, C) with Nq = 1 if msg_only else N.
         """
-        B, nW, N, C = x.shape
-        qkv = linear(x, self.qkv, onednn).view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
+        B, nW, N, C3 = qkv.shape
+        C = C3 // 3
+        qkv = qkv.view(B * nW, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, nH, N, hd
         bias = self.attn_bias()  # nH, N, N
         if msg_only:  # the MSG query row; the full bias keeps every bias parameter in the graph (zero gradient)
             q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
         Nq = q.shape[2]
         # No CPU kernel fuses attention with a mask that needs a gradient: SDPA would fall back to its math
-        # kernel, slower than the plain path below (which computes the same function).
-        if self.fused_attn and not (bias.requires_grad and bias.device.type == 'cpu'):
+        # kernel, slower than the plain path below (which computes the same function). Scripted or traced models
+        # cannot read the bias's device and grad flag here: they take SDPA.
+        if self.fused_attn and (plain_only() or not (bias.requires_grad and bias.device.type == 'cpu')):
             # A 4-D mask: with a 3-D one the CPU dispatcher falls back to the (much slower) math kernel.
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),  # 1, nH, Nq, N
                                                dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
@@ -251,8 +283,8 @@ class MessengerAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C (free after the CPU flash kernel)
 
     def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
-        """Args: x: (B, nW, N, C), msg_only: see ``attend``. Returns: (B, nW, N or 1, C)."""
-        return self.proj_drop(self.proj(self.attend(x, msg_only)))
+        """Args: x: (B, nW, N, C) normed tokens, msg_only: see ``attend``. Returns: (B, nW, N or 1, C)."""
+        return self.proj_drop(self.proj(self.attend(self.qkv(x), msg_only)))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
@@ -290,25 +322,37 @@ class MSGBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
         """Args: x: (B, nW, N, C); msg_only: return the MSG tokens only, (B, nW, 1, C), computing attention
-        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention)."""
-        onednn = self.use_onednn and onednn_ok(x, self.attn.qkv.weight)
+        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention).
+
+        The plain modules, or (``onednn_ok``: CPU float32, eager) the same function through oneDNN."""
+        if self.use_onednn and onednn_ok(x, self.attn.qkv.weight):
+            return self._forward_onednn(x, msg_only)
         res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
-        a = self.attn.attend(self.norm1(x), msg_only, onednn)  # B, nW, Nq, C
+        x = res + self.drop_path(self.attn(self.norm1(x), msg_only))  # fresh: the shuffle may write into it
+        x = shuffle_msg_(x, self.shuffle_size)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def _forward_onednn(self, x: torch.Tensor, msg_only: bool) -> torch.Tensor:
+        """``forward`` with the GEMMs through oneDNN (eager only; TorchScript compiles a stub)."""
+        res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
+        a = self.attn.attend(linear(self.norm1(x), self.attn.qkv, True), msg_only)  # B, nW, Nq, C
         mlp = self.mlp
         plain_mlp = (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity)
                      and (not self.training or mlp.drop1.p == mlp.drop2.p == 0.))  # fc1 -> exact GELU -> fc2
-        if onednn and plain_mlp and not self.training and not torch.is_grad_enabled():
+        if plain_mlp and not self.training and not torch.is_grad_enabled():
             # Inference: no dropout or drop path; bias, GELU and residual adds fused into the GEMMs.
             x = linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
             x = shuffle_msg_(x, self.shuffle_size)
             return gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2, residual=x)
-        x = self._residual(res, self.attn.proj_drop(linear(a, self.attn.proj, onednn)))  # fresh (for the shuffle)
+        x = self._residual(res, self.attn.proj_drop(linear(a, self.attn.proj, True)))  # fresh (for the shuffle)
         x = shuffle_msg_(x, self.shuffle_size)
-        if onednn and plain_mlp:
+        if plain_mlp:
             return self._residual(x, gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2))
-        h = mlp.norm(mlp.drop1(mlp.act(linear(self.norm2(x), mlp.fc1, onednn))))  # timm Mlp, step by step
-        return self._residual(x, mlp.drop2(linear(h, mlp.fc2, onednn)))
+        h = mlp.norm(mlp.drop1(mlp.act(linear(self.norm2(x), mlp.fc1, True))))  # timm Mlp, step by step
+        return self._residual(x, mlp.drop2(linear(h, mlp.fc2, True)))
 
+    @torch.jit.unused
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """x + drop_path(branch), a fresh tensor; timm's DropPath (same random draws) fused into one addcmul."""
         dp = self.drop_path
@@ -331,7 +375,12 @@ class PatchMerging(nn.Module):
         self.next_shuffle_size = next_shuffle_size
         self.reduction = channels_last_weight_(
             nn.Conv2d(dim, 2 * dim, MERGE_KERNEL, MERGE_STRIDE, padding=MERGE_KERNEL // 2))  # channels-last input
+        self.stride = MERGE_STRIDE  # an attribute: TorchScript reads no globals
         self.norm = nn.LayerNorm(2 * dim)
+
+    @torch.jit.ignore
+    def set_window_size(self, window_size: int) -> None:
+        self.window_size = window_size
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C) contiguous. Returns: (B, H/2, W/2, 2C)."""
@@ -392,22 +441,66 @@ class MSGStage(nn.Module):
         Returns: (B, nW, N, C), or (B, nW, 1, C) with msg_only."""
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            kwargs = {'msg_only': True} if msg_only and i == last else {}
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, use_reentrant=False, **kwargs)
+                x = checkpoint(block, x, msg_only=msg_only and i == last, use_reentrant=False)
             else:
-                x = block(x, **kwargs)
+                x = block(x, msg_only=msg_only and i == last)
         return x
+
+    @torch.jit.unused
+    def forward_twice_last(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The blocks, the last one both in full and for the MSG rows only.
+
+        ``forward_intermediates`` takes the patch map from the first and the final features from the second,
+        so that these are ``forward_features``' bit for bit (the MSG-only block rounds differently).
+
+        Args: x: (B, nW, N, C). Returns: (B, nW, N, C) and (B, nW, 1, C).
+        """
+        *blocks, last = self.blocks
+        for block in blocks:
+            x = self._run(block, x, False)
+        return self._run(last, x, False), self._run(last, x, True)
+
+    def _run(self, block: nn.Module, x: torch.Tensor, msg_only: bool) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, msg_only=msg_only, use_reentrant=False)
+        return block(x, msg_only=msg_only)
+
+
+GLOBAL_POOLS = ('avg', '')  # 'avg': mean over the final map; '': keep the map (the head, if any, per position)
+
+
+def size_multiple(patch_size: int, window_size: int, shuffle_size: Sequence[int]) -> int:
+    """Every input side must be a multiple of this: each stage's map splits exactly into groups of windows."""
+    return patch_size * math.lcm(*(2 ** i * window_size * gs for i, gs in enumerate(shuffle_size)))
+
+
+@register_notrace_function  # one node of a traced graph, so that it checks the real input size there
+def check_size(H: int, W: int, multiple: int, what: str, geometry: str,
+               fixed: Optional[Tuple[int, int]] = None) -> None:
+    """Raise ValueError unless H and W are positive multiples of ``multiple`` (and equal ``fixed``, if given)."""
+    if H <= 0 or W <= 0 or H % multiple != 0 or W % multiple != 0:
+        raise ValueError(f'{what} {H}x{W} does not fit {geometry}: each side must be a multiple of {multiple} '
+                         f'(valid sizes: {multiple}, {2 * multiple}, {3 * multiple}, ...)')
+    if fixed is not None and (H != fixed[0] or W != fixed[1]):
+        raise ValueError(f'{what} {H}x{W} differs from img_size {fixed[0]}x{fixed[1]}, which ape=True fixes')
 
 
 class MSGTransformer(nn.Module):
-    """MSG-Transformer (see the module docstring).
+    """MSG-Transformer (see the module docstring), with timm's model API.
+
+    ``forward_features`` gives the final features as a map, NHWC (``output_fmt``): the normed MSG tokens of the
+    last stage, (B, H/ws, W/ws, C) with H, W its patch grid (1 x 1 at 224); ``forward_head`` averages them
+    (``global_pool='avg'``) and applies the classifier. ``forward_intermediates`` gives the patch maps of the
+    stages (timm's signature and return value). After ``prune_intermediate_layers`` below the last stage the final
+    features are the last kept stage's patch map.
 
     Args:
         img_size: input size (int or (H, W)); checked against the geometry, fixes the size only with ape.
         patch_size: stride of the 7x7 stem conv.
         in_chans: input image channels.
-        num_classes: classifier outputs; 0 for no head (``forward`` returns features).
+        num_classes: classifier outputs; 0 for no head (``forward`` returns the pooled features).
+        global_pool: 'avg' (mean of the final map) or '' (no pooling: ``forward`` returns a map).
         embed_dim: channels of the first stage (doubled at each stage).
         depths: blocks per stage.
         num_heads: attention heads per stage.
@@ -433,6 +526,7 @@ class MSGTransformer(nn.Module):
             patch_size: int = 4,
             in_chans: int = 3,
             num_classes: int = 1000,
+            global_pool: str = 'avg',
             embed_dim: int = 96,
             depths: Sequence[int] = (2, 2, 6, 2),
             num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -456,17 +550,24 @@ class MSGTransformer(nn.Module):
         num_stages = len(depths)
         dims = tuple(embed_dim * 2 ** i for i in range(num_stages))
         _check_arch(patch_size, dims, depths, num_heads, window_size, shuffle_size, manip_type)
+        _check_pool(global_pool)
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.window_size = window_size
         self.shuffle_size = shuffle_size
-        # Every side must be a multiple of this: each stage's map splits exactly into groups of windows.
-        self.size_multiple = patch_size * math.lcm(*(2 ** i * window_size * gs for i, gs in enumerate(shuffle_size)))
-        self._check_size(self.img_size, 'img_size')
+        self.size_multiple = size_multiple(patch_size, window_size, shuffle_size)
+        self._geometry = f'patch_size {patch_size}, window_size {window_size}, shuffle_size {list(shuffle_size)}'
+        check_size(self.img_size[0], self.img_size[1], self.size_multiple, 'img_size', self._geometry)
         self.num_classes = num_classes
-        self.num_features = dims[-1]
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'  # of forward_features
+        self.num_features = self.head_hidden_size = dims[-1]
         self.ape = ape
         self.decay_msg_tokens = decay_msg_tokens
+        # The final features are the last stage's MSG tokens (False after pruning below the last stage: then
+        # they are the last kept stage's patch map).
+        self.msg_features = True
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f'layers.{i}')
                              for i, d in enumerate(dims)]
 
@@ -475,6 +576,8 @@ class MSGTransformer(nn.Module):
         if ape:
             grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))  # 1, H*W, C
+        else:
+            self.register_parameter('absolute_pos_embed', None)  # (not in the state_dict)
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
@@ -501,7 +604,7 @@ class MSGTransformer(nn.Module):
 
         self.apply(self._init_weights)
         trunc_normal_(self.msg_tokens, std=INIT_STD)
-        if ape:
+        if self.absolute_pos_embed is not None:
             trunc_normal_(self.absolute_pos_embed, std=INIT_STD)
         for m in self.modules():
             if isinstance(m, MessengerAttention):
@@ -519,14 +622,7 @@ class MSGTransformer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _check_size(self, hw: Tuple[int, int], what: str) -> None:
-        m = self.size_multiple
-        if any(s <= 0 or s % m for s in hw):
-            raise ValueError(
-                f'{what} {hw[0]}x{hw[1]} does not fit patch_size {self.patch_size}, window_size '
-                f'{self.window_size}, shuffle_size {list(self.shuffle_size)}: each side must be a multiple of '
-                f'{m} (valid sizes: {m}, {2 * m}, {3 * m}, ...)')
-
+    # ------------------------------------------------------------------------------------------- timm model API
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Parameter names exempt from weight decay (see the module docstring)."""
@@ -543,6 +639,20 @@ class MSGTransformer(nn.Module):
         return {'relative_position_bias_table', 'rel_pos_msg'}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in depth order (timm's layer-wise LR decay): the stem and learned tokens, then each
+        block; a stage's downsample and the final norm join the group of the block before them (timm's 99999
+        suffix); the head last."""
+        return dict(
+            stem=r'^msg_tokens|^absolute_pos_embed|^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+)\.downsample', (99999,)),
+                (r'^layers\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
         for stage in self.layers:
@@ -552,73 +662,183 @@ class MSGTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: no head)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: no head), on the model's device and dtype and
+        in its train/eval mode; ``global_pool`` ('avg' or '') if given."""
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        p = self.norm.weight
-        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
+        self.head = (nn.Linear(self.num_features, num_classes, **get_device_dtype(self))
                      if num_classes > 0 else nn.Identity())
         if num_classes > 0:
             self._init_weights(self.head)
+        self.head.train(self.training)
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Args: x: (B, in_chans, H, W) NCHW image. Returns: first-stage tokens (B, nW, N, C), patch map (H, W)."""
-        hw = (x.shape[-2], x.shape[-1])
-        self._check_size(hw, 'input size')
-        if self.ape and hw != self.img_size:
-            raise ValueError(f'input size {hw[0]}x{hw[1]} differs from img_size '
-                             f'{self.img_size[0]}x{self.img_size[1]}, which ape=True fixes')
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       window_size: Optional[int] = None) -> None:
+        """Change the nominal input size and/or the window size.
+
+        ``forward`` takes any size the geometry admits anyway (``img_size`` only fixes it with ape, whose table is
+        then resampled bicubically); a new window size resizes every relative-position table bicubically (as
+        loading weights of another window does) and changes the admissible sizes. Raises ValueError (the model
+        unchanged) if the new size does not fit the new geometry.
+        """
+        hw = self.img_size if img_size is None else to_2tuple(img_size)
+        ws = self.window_size if window_size is None else window_size
+        if ws < 1:
+            raise ValueError(f'window_size must be >= 1, got {ws}')
+        multiple = size_multiple(self.patch_size, ws, self.shuffle_size)
+        geometry = f'patch_size {self.patch_size}, window_size {ws}, shuffle_size {list(self.shuffle_size)}'
+        check_size(hw[0], hw[1], multiple, 'img_size', geometry)
+        if ws != self.window_size:
+            for m in self.modules():
+                if isinstance(m, (MessengerAttention, PatchMerging)):
+                    m.set_window_size(ws)
+            self.window_size, self.size_multiple, self._geometry = ws, multiple, geometry
+        if self.absolute_pos_embed is not None and hw != self.img_size:
+            old = self.absolute_pos_embed
+            grid = (hw[0] // self.patch_size, hw[1] // self.patch_size)
+            old_grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+            with torch.no_grad():
+                new = resample_abs_pos_embed(old, grid, old_grid, num_prefix_tokens=0)  # 1, H*W, C
+            self.absolute_pos_embed = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.img_size = hw
+        update_model_input_size(self, hw, window_size=ws)
+
+    # ------------------------------------------------------------------------------------------- forward passes
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        """Args: x: (B, in_chans, H, W) NCHW image. Returns: first-stage tokens (B, nW, N, C), patch map H and W."""
+        check_size(x.shape[-2], x.shape[-1], self.size_multiple, 'input size', self._geometry,
+                   self.img_size if self.absolute_pos_embed is not None else None)
         x = self.patch_embed(x)  # B, H, W, C
         B, H, W, C = x.shape
-        if self.ape:
+        if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed.view(1, H, W, C)  # B, H, W, C
         gs = self.shuffle_size[0]
         msgs = self.msg_tokens.view(1, 1, gs, 1, gs, C)  # one group's MSG map, the same for all groups
-        return window_tokens(self.pos_drop(x), msgs, self.window_size, gs), (H, W)  # B, nW, N, C
+        return window_tokens(self.pos_drop(x), msgs, self.window_size, gs), H, W  # B, nW, N, C
 
-    def _forward_stages(self, x: torch.Tensor, keep_maps: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Args: x: NCHW image. Returns: last-stage tokens and, if keep_maps, NCHW stage maps. Without keep_maps
-        only the MSG tokens of the last stage are computed in its last block: (B, nW, 1, C), else (B, nW, N, C)."""
-        x, (H, W) = self._embed(x)
-        maps = []
-        # Only the MSG tokens of the last block are read. Dispatch modes (FLOP counter) see the full official path;
-        # torch.export also traces under one, and its graph (ONNX) should keep the shortcut.
-        msg_only = not keep_maps and (torch.compiler.is_exporting() or not in_dispatch_mode())
+    def _final(self, x: torch.Tensor, H: int, W: int, group_size: int, msgs: bool) -> torch.Tensor:
+        """Normed final features, NHWC. Args: x: (B, nW, N or 1, C) last-stage tokens, H, W its patch map.
+        Returns: the MSG map (B, H/ws, W/ws, C) if ``msgs``, else the patch map (B, H, W, C)."""
+        if msgs:
+            ws = self.window_size
+            return self.norm(window_reverse(x[:, :, :1], 1, H // ws, W // ws, group_size))  # B, H/ws, W/ws, C
+        return self.norm(window_reverse(x[:, :, 1:], self.window_size, H, W, group_size))  # B, H, W, C
+
+    def _forward_stages(self, x: torch.Tensor, msg_only: bool) -> Tuple[torch.Tensor, int, int, int]:
+        """Args: x: (B, in_chans, H, W); msg_only: the very last block computes the MSG rows only.
+        Returns: the last stage's tokens, (B, nW, N, C) or (B, nW, 1, C), its patch grid H, W and group side."""
+        x, H, W = self._embed(x)
+        last = len(self.layers) - 1
+        gs = 1
         for i, stage in enumerate(self.layers):
-            x = stage(x, msg_only=msg_only and i == len(self.layers) - 1)
-            if keep_maps:
-                patches = window_reverse(x[:, :, 1:], self.window_size, H, W, stage.group_size)  # B, H, W, C
-                maps.append(patches.permute(0, 3, 1, 2).contiguous())  # B, C, H, W
+            x = stage(x, msg_only and i == last)
+            gs = stage.group_size
             if stage.downsample is not None:
                 x = stage.downsample(x, (H, W))
-                H, W = H // MERGE_STRIDE, W // MERGE_STRIDE
-        return x, maps
+                H, W = H // stage.downsample.stride, W // stage.downsample.stride
+        return x, H, W, gs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chans, H, W). Returns: (B, num_features), the normed last-stage MSG tokens averaged."""
-        x, _ = self._forward_stages(x, keep_maps=False)
-        return self.norm(x[:, :, 0]).mean(dim=1)  # B, C
-
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Multi-scale patch maps for dense heads.
-
-        Args:
-            x: (B, in_chans, H, W).
-
-        Returns:
-            One NCHW map per stage, (B, embed_dim * 2**i, H / (patch_size * 2**i), W / (patch_size * 2**i)),
-            i.e. strides 4/8/16/32 for patch 4: each stage's patch tokens after its last block, before the
-            downsample, without any extra norm (MSG tokens are left out).
-        """
-        return self._forward_stages(x, keep_maps=True)[1]
+        """Args: x: (B, in_chans, H, W). Returns: the final features, NHWC (see the class docstring)."""
+        # The head reads the last stage's MSG tokens only: its last block computes just those rows (exact).
+        x, H, W, gs = self._forward_stages(x, msg_only=self.msg_features and msg_rows_only_ok())
+        return self._final(x, H, W, gs, self.msg_features)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Args: x: (B, num_features) from forward_features. Returns: (B, num_classes) or x if pre_logits."""
+        """Args: x: (B, h, w, C) from forward_features. Returns: (B, num_classes) logits, or the pooled features if
+        pre_logits; with global_pool='' the map, the head applied per position."""
+        if self.global_pool == 'avg':
+            x = x.mean((1, 2))  # B, C
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chans, H, W) NCHW. Returns: (B, num_classes) logits."""
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Multi-scale patch maps for dense heads (timm's API, as its Swin).
+
+        Args:
+            x: (B, in_chans, H, W).
+            indices: stages to return: the last n if an int, these (negative from the end) if a list, all if None.
+            norm: apply the final norm to the last stage's map.
+            stop_early: run no stage after the last one asked for.
+            output_fmt: 'NCHW' or 'NHWC' maps.
+            intermediates_only: return the maps only.
+
+        Returns:
+            (final, maps), or maps: stage i's map is its patch tokens after its last block, before the downsample
+            (MSG tokens left out), (B, embed_dim * 2**i, H / (patch_size * 2**i), W / (patch_size * 2**i)) in
+            NCHW, i.e. strides 4/8/16/32 for patch 4. ``final`` is ``forward_features(x)``, exactly, or the last
+            computed stage's patch map (NHWC) if stopped early.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        stop = max_index if stop_early else last
+        shortcuts = not plain_only()
+        x, H, W = self._embed(x)
+        intermediates = []
+        msgs, gs = x, 1
+        for i, stage in enumerate(self.layers[:stop + 1]):
+            final_msgs = self.msg_features and i == last and not intermediates_only
+            if final_msgs and i in take_indices and shortcuts:
+                x, msgs = stage.forward_twice_last(x)  # the map from the full block, the features as forward's
+            else:
+                # The last block needs its MSG rows only if its patch map is not asked for.
+                x = msgs = stage(x, final_msgs and shortcuts and i not in take_indices)
+            gs = stage.group_size
+            if i in take_indices:
+                fmap = window_reverse(x[:, :, 1:], self.window_size, H, W, gs)  # B, H, W, C
+                if norm and i == last:
+                    fmap = self.norm(fmap)
+                intermediates.append(fmap.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else fmap)
+            if i < stop and stage.downsample is not None:
+                x = stage.downsample(x, (H, W))
+                H, W = H // stage.downsample.stride, W // stage.downsample.stride
+        if intermediates_only:
+            return intermediates
+        if stop < last:  # stopped early: the last computed stage's patch map, without the final norm
+            return window_reverse(x[:, :, 1:], self.window_size, H, W, gs), intermediates
+        return self._final(msgs, H, W, gs, self.msg_features), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and that stage's downsample), and the final norm / head
+        if asked (always when stages are dropped). Returns the absolute indices kept (timm's API)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = None
+            self.msg_features = False  # the final features become the last kept stage's patch map
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
 
 
 def _check_arch(patch_size: int, dims: Tuple[int, ...], depths: Tuple[int, ...], num_heads: Tuple[int, ...],
@@ -679,28 +899,47 @@ _VARIANTS = {
     'small': dict(embed_dim=96, depths=(2, 4, 12, 4), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
     'base': dict(embed_dim=96, depths=(2, 4, 28, 4), num_heads=(3, 6, 12, 24), drop_path_rate=0.5),
 }
-_TIMM_FACTORY_KEYS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')  # passed by timm.create_model
+_PATCH, _WINDOW, _SHUFFLE, _NUM_STAGES = 4, 7, (4, 4, 2, 1), 4  # the constructor's defaults, for the cfgs
 
 
-def _create_msg_transformer(variant: str, pretrained: bool, **kwargs) -> MSGTransformer:
-    if pretrained:
-        raise ValueError(f'msg_transformer_{variant}: no pretrained weights are downloaded; build with '
-                         f'pretrained=False and load an official checkpoint with load_state_dict')
-    for key in _TIMM_FACTORY_KEYS:
-        kwargs.pop(key, None)
-    return MSGTransformer(**{**_VARIANTS[variant], **kwargs})  # unknown keys raise TypeError
+def _cfg() -> Dict[str, Any]:
+    final_stride = _PATCH * MERGE_STRIDE ** (_NUM_STAGES - 1)
+    side = TRAIN_SIZE // (final_stride * _WINDOW)  # the MSG map of the last stage: 1 x 1 at 224
+    return pretrained_cfg(
+        size_multiple=size_multiple(_PATCH, _WINDOW, _SHUFFLE),
+        pool_size=(side, side),
+        first_conv='patch_embed.proj',
+        license='apache-2.0',
+        origin_url='https://github.com/hustvl/MSG-Transformer',
+        paper_name='MSG-Transformer: Exchanging Local Spatial Information by Manipulating Messenger Tokens',
+        paper_ids='arXiv:2105.15168',
+        weights='an official MSG-Transformer ImageNet-1k checkpoint (its keys are ours)',
+    )
+
+
+default_cfgs = generate_default_cfgs({f'msg_transformer_{v}.in1k': _cfg() for v in _VARIANTS})
+
+
+def _create_msg_transformer(variant: str, pretrained: bool, **kwargs: Any) -> MSGTransformer:
+    """The variant through timm's ``build_model_with_cfg`` (``models.pretrained.create``); kwargs override the
+    variant's defaults, unknown ones raise TypeError."""
+    return create(MSGTransformer, f'msg_transformer_{variant}', pretrained, _NUM_STAGES,
+                             **{**_VARIANTS[variant], **kwargs})
 
 
 @register_model
-def msg_transformer_tiny(pretrained: bool = False, **kwargs) -> MSGTransformer:
+def msg_transformer_tiny(pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
+    """MSG-Transformer-T (25.1M params)."""
     return _create_msg_transformer('tiny', pretrained, **kwargs)
 
 
 @register_model
-def msg_transformer_small(pretrained: bool = False, **kwargs) -> MSGTransformer:
+def msg_transformer_small(pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
+    """MSG-Transformer-S (56.0M params)."""
     return _create_msg_transformer('small', pretrained, **kwargs)
 
 
 @register_model
-def msg_transformer_base(pretrained: bool = False, **kwargs) -> MSGTransformer:
+def msg_transformer_base(pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
+    """MSG-Transformer-B (84.4M params)."""
     return _create_msg_transformer('base', pretrained, **kwargs)

@@ -91,8 +91,8 @@ def test_parity_with_official(variant: str, models: dict[str, MGSSAF]) -> None:
     ref = torch.load(os.path.join(FIXTURES, f'mgssaf_{variant}.parity.pt'), weights_only=False)
     x = torch.randn(ref['input_shape'], generator=torch.Generator().manual_seed(ref['input_seed']))
     with torch.inference_mode():
-        features = models[variant].forward_features(x)
-        logits = models[variant].forward_head(features)
+        fmap = models[variant].forward_features(x)  # timm: the unpooled final features; the official's are pooled
+        features, logits = models[variant].forward_head(fmap, pre_logits=True), models[variant].forward_head(fmap)
     assert features.shape == ref['features'].shape and logits.shape == ref['logits'].shape
     assert _rel(features, ref['features']) <= PARITY_TOL
     assert _rel(logits, ref['logits']) <= PARITY_TOL
@@ -180,7 +180,7 @@ def test_other_resolutions_shapes() -> None:
         net = MGSSAF(**{**TINY, 'img_size': img_size}).eval()
         x = torch.randn(2, 3, *img_size)
         with torch.inference_mode():
-            feats = net.forward_intermediates(x)
+            feats = net.forward_intermediates(x, intermediates_only=True)
             logits = net(x)
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
         for i, f in enumerate(feats):
@@ -256,7 +256,7 @@ def test_onednn_paths_match_plain_modules() -> None:
     for enable in (True, False):
         _set_onednn(net, enable)
         with torch.inference_mode():
-            feats = net.eval()(x), *net.forward_intermediates(x)
+            feats = net.eval()(x), *net.forward_intermediates(x, intermediates_only=True)
         net.train().zero_grad(set_to_none=True)
         torch.manual_seed(3)
         net(x).logsumexp(-1).sum().backward()
@@ -356,11 +356,11 @@ def test_stochastic_depth_rule() -> None:
 def test_classifier_api() -> None:
     net = MGSSAF(**TINY).eval()
     x = torch.randn(2, 3, 64, 64)
-    assert net.num_features == 1280 and net.num_classes == 10
+    assert net.head_hidden_size == 1280 and net.num_classes == 10
     assert net.no_weight_decay() <= {n for n, _ in net.named_parameters()}
     net.reset_classifier(0)
     with torch.inference_mode():
-        assert torch.equal(net(x), net.forward_features(x))
+        assert torch.equal(net(x), net.forward_head(net.forward_features(x), pre_logits=True))
     net.reset_classifier(7)
     assert net(x).shape == (2, 7) and net.get_classifier().out_features == 7
 

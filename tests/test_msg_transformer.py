@@ -69,8 +69,8 @@ def test_parity_with_official(variant, fused):
     try:
         x = torch.randn(ref['input_shape'], generator=torch.Generator().manual_seed(ref['input_seed']))
         with torch.no_grad():
-            features = model.forward_features(x)
-            logits = model.forward_head(features)
+            fmap = model.forward_features(x)  # timm: the unpooled final features; the official's are pooled
+            features, logits = model.forward_head(fmap, pre_logits=True), model.forward_head(fmap)
     finally:
         set_fused(model, True)
     assert rel_err(features, ref['features']) <= PARITY_TOL
@@ -296,7 +296,7 @@ def test_forward_intermediates():
     captured = []
     hooks = [s.blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o)) for s in model.layers]
     with torch.no_grad():
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
     for h in hooks:
         h.remove()
     assert [tuple(m.shape) for m in maps] == [(2, 16, 32, 16), (2, 32, 16, 8), (2, 64, 8, 4), (2, 128, 4, 2)]
@@ -308,7 +308,8 @@ def test_forward_intermediates():
         torch.testing.assert_close(fmap[:, :, :ws, :ws], corner, rtol=0, atol=0)
         assert fmap.numel() == tokens[:, :, 1:].numel()
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), model.norm(captured[-1][:, :, 0]).mean(1))
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                   model.norm(captured[-1][:, :, 0]).mean(1))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -361,9 +362,9 @@ def test_onednn_inference_path_matches_plain_modules(fused):
     model = MSGTransformer(**TINY, fused_attn=fused).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        fast = model.forward_features(x), model(x), model.forward_intermediates(x)
+        fast = model.forward_features(x), model(x), model.forward_intermediates(x, intermediates_only=True)
         set_onednn(model, False)
-        plain = model.forward_features(x), model(x), model.forward_intermediates(x)
+        plain = model.forward_features(x), model(x), model.forward_intermediates(x, intermediates_only=True)
     for a, b in zip(fast[:2] + tuple(fast[2]), plain[:2] + tuple(plain[2])):
         assert rel_err(a, b) <= 1e-6
 
@@ -398,7 +399,7 @@ def test_msg_only_last_block_matches_the_full_block_in_training():
     x = torch.randn(2, 3, 64, 64)
 
     def full(t):
-        tokens, _ = model._forward_stages(t, keep_maps=True)  # B, nW, N, C
+        tokens = model._forward_stages(t, msg_only=False)[0]  # B, nW, N, C
         return model.head(model.norm(tokens[:, :, 0]).mean(1))
 
     out = {}
