@@ -28,7 +28,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from config import ConfigError, config_notes, get_config
-from data import Data, DataError, build_loader
+from data import Data, DataError, build_loader, release_workers
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
 from lr_scheduler import ScheduleClock, build_scheduler
@@ -408,6 +408,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    'command to resume from the last checkpoint')
         return 1
     finally:
+        release_workers()  # leftover data workers may end at the exit's SIGTERM again (data/build.py)
         shutdown()
 
 

@@ -1,8 +1,8 @@
 """Data: ImageNet-style folders, timm transforms and mixup, distributed samplers."""
 from .build import (Data, DataError, UnreadableImageError, UnsupportedImageError, build_loader, build_mixup,
                     build_transform, check_data_folder, check_image_headers, count_images, describe_split,
-                    list_classes, list_images, to_rgb)
+                    list_classes, list_images, release_workers, to_rgb)
 
 __all__ = ['Data', 'DataError', 'UnreadableImageError', 'UnsupportedImageError', 'build_loader', 'build_mixup',
            'build_transform', 'check_data_folder', 'check_image_headers', 'count_images', 'describe_split',
-           'list_classes', 'list_images', 'to_rgb']
+           'list_classes', 'list_images', 'release_workers', 'to_rgb']

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import time
@@ -420,13 +421,28 @@ class Data(NamedTuple):
     class_names: list[str]
 
 
+# Set by the main process when it is done (``release_workers``); forked workers share it.
+_MAIN_DONE = multiprocessing.get_context('fork').Event()
+
+
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn API
-    """Data workers ignore SIGTERM and SIGINT: a job-wide SIGTERM (torchrun forwards it to each worker's whole
-    process group, as cluster schedulers do) or a Ctrl-C would otherwise kill them in mid-step, and the main
-    process, whose loader then fails, could not stop at the next update and checkpoint. They still end with their
-    loader, or when the main process dies (PyTorch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Data workers leave SIGTERM and SIGINT to the main process: a job-wide SIGTERM (torchrun forwards it to each
+    worker's whole process group, as cluster schedulers do) or a Ctrl-C would otherwise kill them in mid-step, and
+    the main process, whose loader then fails, could not stop at the next update and checkpoint. Once the main
+    process is done (``release_workers``), SIGTERM ends them: that is how its exit shuts down a worker left over."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_if_main_is_done)
+
+
+def _exit_if_main_is_done(signum, frame) -> None:  # noqa: ARG001 - signal handler API
+    if _MAIN_DONE.is_set():
+        os._exit(0)
+
+
+def release_workers() -> None:
+    """Call when the run ends (normally or not): data workers still alive then (e.g. of a loader caught in an
+    exception) take the SIGTERM of the interpreter's exit again, so the exit does not wait for them forever."""
+    _MAIN_DONE.set()
 
 
 def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool,
@@ -444,6 +460,7 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     when they go to a CUDA ``device`` (``DATA.PIN_MEMORY``), so the loops copy them with ``non_blocking=True``."""
     class_names = check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES,
                                     splits=('train', 'val') if train else ('val',))
+    _MAIN_DONE.clear()  # a run starts: its workers leave SIGTERM to it
     pin = bool(config.DATA.PIN_MEMORY) and device is not None and device.type == 'cuda'
     dataset_val = build_dataset(config, is_train=False, logger=logger)
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,

@@ -22,7 +22,7 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from . import kernels
 
 __all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode',
-           'plain_only', 'msg_rows_only_ok', 'linear',
+           'plain_only', 'msg_rows_only_ok', 'use_sdpa', 'linear',
            'gelu_mlp', 'linear_gelu', 'linear_add', 'channels_last_weight_',
            'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
 
@@ -137,6 +137,45 @@ def msg_rows_only_ok() -> bool:
         return False
     return not plain_only() or torch.compiler.is_exporting()
 # ------------------------------------------------------------------------------------------------------------
+
+
+def use_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+             dropout_p: float) -> bool:
+    """Whether ``softmax(q @ k^T * scale + mask) @ v`` should run as ``F.scaled_dot_product_attention`` (True) or
+    as the caller's explicit matmuls and softmax (False, the same function).
+
+    * TorchScript, fx and ``torch.jit.trace``: SDPA (they cannot read the mask's grad flag);
+    * ``torch.export`` (ONNX): explicit (the exporter decomposes SDPA into those ops anyway, and with another
+      output layout than the fused kernel's, which breaks the view after it);
+    * CPU with a mask that needs a gradient: explicit (no CPU kernel fuses that; SDPA would fall back to its
+      slower math kernel);
+    * CPU float32 eager inference: whichever is faster here for this shape, measured once (``kernels``: the CPU
+      flash kernel wins on AVX-512 Xeons, loses on AVX2 EPYCs); everywhere else (GPU, autocast, compile): SDPA.
+
+    Args: q: (..., Nq, d), k / v: (..., N, d), mask: broadcastable to (..., Nq, N) or None."""
+    if torch.jit.is_scripting():  # a compile-time constant there: the eager part is a stub
+        return True
+    return _use_sdpa_eager(q, k, v, mask, scale, dropout_p)
+
+
+@torch.jit.unused
+def _use_sdpa_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                    dropout_p: float) -> bool:
+    if torch.compiler.is_exporting():
+        return False
+    if plain_only():
+        return True
+    if mask is not None and mask.requires_grad and mask.device.type == 'cpu':
+        return False
+    if (q.device.type != 'cpu' or q.dtype != torch.float32 or dropout_p > 0 or torch.is_autocast_enabled('cpu')
+            or torch.compiler.is_compiling()):
+        return True
+
+    def explicit() -> torch.Tensor:
+        attn = (q * scale) @ k.transpose(-2, -1)
+        return (attn if mask is None else attn + mask).softmax(dim=-1) @ v
+    return kernels.use_fused('attention', (q, k) if mask is None else (q, k, mask),
+                             lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), explicit)
 
 
 def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -60,7 +60,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok, plain_only
+from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok, plain_only, use_sdpa
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -325,9 +325,9 @@ class MultiGranularityAttention(nn.Module):
         q, k = qk.split(C2 // 2, dim=-1)
         k = _avg_pool_nhwc(k, (s, W) if horizontal else (H, s), stride=s)  # B, H/s, 1, nH_g*d or B, 1, W/s, nH_g*d
         q, k = self._split_heads(q), self._split_heads(k)  # B, nH_g, H*W, d / B, nH_g, M, d
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, k, dropout_p=self.attn_drop.p if self.training else 0.,
-                                                 scale=self.scale)  # B, nH_g, H*W, d
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if self.fused_attn and use_sdpa(q, k, k, None, self.scale, dropout_p):
+            out = F.scaled_dot_product_attention(q, k, k, dropout_p=dropout_p, scale=self.scale)  # B, nH_g, H*W, d
         else:
             attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # B, nH_g, H*W, M
             out = self.attn_drop(attn) @ k  # B, nH_g, H*W, d

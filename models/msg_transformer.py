@@ -96,7 +96,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
 from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, linear, linear_add, msg_rows_only_ok, onednn_ok,
-                     plain_only, relative_position_index, to_2tuple, trunc_normal_, window_reverse)
+                     plain_only, relative_position_index, to_2tuple, trunc_normal_, use_sdpa, window_reverse)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -270,15 +270,12 @@ class MessengerAttention(nn.Module):
         if msg_only:  # the MSG query row; the full bias keeps every bias parameter in the graph (zero gradient)
             q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
         Nq = q.shape[2]
-        # No CPU kernel fuses attention with a mask that needs a gradient: SDPA would fall back to its math
-        # kernel, slower than the plain path below (which computes the same function). Scripted or traced models
-        # cannot read the bias's device and grad flag here: they take SDPA.
-        if self.fused_attn and (plain_only() or not (bias.requires_grad and bias.device.type == 'cpu')):
-            # A 4-D mask: with a 3-D one the CPU dispatcher falls back to the (much slower) math kernel.
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),  # 1, nH, Nq, N
-                                               dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        mask = bias.unsqueeze(0)  # 1, nH, Nq, N: 4-D (with a 3-D mask the CPU dispatcher takes the slow math kernel)
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if self.fused_attn and use_sdpa(q, k, v, mask, self.scale, dropout_p):
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B*nW, nH, Nq, N
+            attn = (q * self.scale) @ k.transpose(-2, -1) + mask  # B*nW, nH, Nq, N
             x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, Nq, hd
         return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C (free after the CPU flash kernel)
 
