@@ -55,7 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, get_device_dtype, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import (DropPath, get_device_dtype, register_notrace_function, register_notrace_module, to_2tuple,
+                         trunc_normal_)
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -235,6 +236,7 @@ def _separable_attention(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-2) * logits.softmax(dim=-3)
 
 
+@register_notrace_module  # one node of a traced graph (a feature extractor needs none of its ~200 ops)
 class MultiGranularityAttention(nn.Module):
     """SS-MSA on local windows plus MG-MSA on pooled keys, with Attention Fusion. NHWC in and out.
 
@@ -359,6 +361,7 @@ class MultiGranularityAttention(nn.Module):
         return self.proj_drop(self.proj(self.attend(self.proj_qk(x))))
 
 
+@register_notrace_module  # one node of a traced graph
 class ConvMlp(nn.Module):
     """LN -> depthwise 3x3 -> pointwise expand -> GELU -> depthwise 7x7 -> pointwise reduce. NHWC in and out."""
 

@@ -89,7 +89,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import get_device_dtype, register_notrace_function, resample_abs_pos_embed
+from timm.layers import get_device_dtype, register_notrace_function, register_notrace_module, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
@@ -179,6 +179,7 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if isinstance(self.norm, nn.LayerNorm) else x.contiguous()
 
 
+@register_notrace_module  # one node of a traced graph (a feature extractor needs none of its ops)
 class MessengerAttention(nn.Module):
     """Multi-head self-attention inside each window of 1 MSG + ws*ws patch tokens.
 

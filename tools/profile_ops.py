@@ -1,0 +1,99 @@
+"""Where the time of a forward pass (or training step) goes, by kind of op, ours beside the official model.
+
+    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
+        [--batch-size 8] [--threads 2] [--train] [--steps 3]
+
+Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
+operators in four groups: GEMMs (linear / matmul / bmm / addmm / oneDNN linear, with the GFLOP/s they reach from
+the FLOP counts the profiler records), attention kernels (scaled_dot_product_attention), convolutions and the
+rest (norms, softmax, GELU, copies, ...). Next to the measured float32 matmul speed of this CPU
+(benchmark.measure_machine) this bounds what any exact implementation can gain: the GEMMs do the same FLOPs in
+every implementation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GEMM = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::matmul', 'aten::linear', 'mkldnn::_linear_pointwise',
+        'aten::baddbmm')
+ATTENTION = ('aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::scaled_dot_product_attention',
+             'aten::_scaled_dot_product_flash_attention_for_cpu_backward')
+CONV = ('aten::mkldnn_convolution', 'aten::convolution', 'aten::_convolution', 'aten::conv2d',
+        'aten::convolution_backward', 'aten::_slow_conv2d_forward')
+
+
+def profile(model, x, steps: int, train: bool) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    if train:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        target = torch.zeros(x.shape[0], dtype=torch.long)
+
+        def step():
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.train()
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    for _ in range(2):
+        step()
+    with tprofile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            step()
+    groups = {'GEMMs': [0.0, 0.0], 'attention kernels': [0.0, 0.0], 'convolutions': [0.0, 0.0], 'other': [0.0, 0.0]}
+    for e in prof.key_averages():
+        name = e.key
+        group = ('GEMMs' if name in GEMM else 'attention kernels' if name in ATTENTION
+                 else 'convolutions' if name in CONV else 'other')
+        groups[group][0] += e.self_cpu_time_total / 1e3 / steps          # ms per step
+        groups[group][1] += (e.flops or 0) / steps
+    return groups
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--cfg', required=True)
+    parser.add_argument('--official', default='', help='checkout of the official repository of this model')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--train', action='store_true', help='profile a training step instead of inference')
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    from benchmark import _official_model, measure_machine
+    from config import load_config_file
+    from models import build_model
+    from utils import keep_freed_memory
+    keep_freed_memory()
+    machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
+    cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
+    x = torch.randn(args.batch_size, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
+    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train))]
+    if args.official:
+        rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train)))
+    print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
+          f"{cfg.MODEL.NAME}, batch {args.batch_size}, {'training step' if args.train else 'inference'}")
+    print(f"{'':10s} {'group':18s} {'ms':>8s} {'share':>6s} {'GFLOP/s':>8s}")
+    for who, groups in rows:
+        total = sum(ms for ms, _ in groups.values())
+        for name, (ms, flops) in groups.items():
+            speed = f'{flops / ms / 1e6:8.0f}' if flops and ms else f"{'':8s}"
+            print(f'{who:10s} {name:18s} {ms:8.1f} {100 * ms / total:5.1f}% {speed}')
+        print(f"{who:10s} {'total':18s} {total:8.1f}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
