@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint_file
 from conftest import DEMO_CFG
-from test_reliability import FAST, assert_one_line_error, main_py
+from test_reliability import FAST, assert_one_line_error, main_in_process, main_py
 
 
 def test_folder_as_checkpoint_says_it_is_a_folder(tmp_path):
@@ -21,7 +21,7 @@ def test_folder_as_checkpoint_says_it_is_a_folder(tmp_path):
         load_checkpoint_file(str(tmp_path))
 
 
-def test_bad_values_end_in_one_line_before_any_work(tmp_path, digits_dir):
+def test_bad_values_end_in_one_line_before_any_work(tmp_path, digits_dir, capsys):
     out = tmp_path / 'out'
     (tmp_path / 'a.yaml').write_text(f"BASE: ['b.yaml', '{DEMO_CFG}']\n")
     (tmp_path / 'b.yaml').write_text("BASE: ['a.yaml']\n")
@@ -33,11 +33,12 @@ def test_bad_values_end_in_one_line_before_any_work(tmp_path, digits_dir):
         (['--cfg', str(tmp_path / 'a.yaml'), '--data-path', digits_dir, '--output', str(out)],
          r"^error: BASE cycle .*a.yaml -> .*b.yaml -> .*a.yaml$"),
     ]
-    for args, pattern in cases:
-        assert_one_line_error(main_py(args), pattern)
+    assert_one_line_error(main_py(cases[0][0]), cases[0][1])      # the command line, then the rest in-process
+    for args, pattern in cases[1:]:
+        assert_one_line_error(main_in_process(args, capsys), pattern)
     assert not out.exists()                                            # refused before anything was written
-    proc = main_py(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path / 'eval'), '--eval',
-                    '--resume', str(tmp_path)])
+    proc = main_in_process(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(tmp_path / 'eval'),
+                            '--eval', '--resume', str(tmp_path)], capsys)
     assert_one_line_error(proc, r"^error: '.*' is a folder, not a checkpoint file")
 
 

@@ -23,6 +23,25 @@ def main_py(args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+class _Ran:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def main_in_process(args, capsys):
+    """``main.main(args)`` in this process (no 5 s interpreter and torch start-up), for errors that end a run
+    before it trains; the same exit code and output a subprocess gets (``main_py`` keeps the real command line
+    honest in each test that uses this)."""
+    import main
+    capsys.readouterr()
+    try:
+        rc = main.main(args)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    return _Ran(rc, out.out, out.err)
+
+
 def assert_one_line_error(proc, pattern):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout
@@ -40,7 +59,7 @@ def small_ckpt(tmp_path_factory, digits_dir):
     return os.path.join(out, 'msg_demo', 'default', 'ckpt_epoch_0.pth')
 
 
-def test_user_errors_are_one_line(tmp_path, digits_dir, small_ckpt):
+def test_user_errors_are_one_line(tmp_path, digits_dir, small_ckpt, capsys):
     base = ['--cfg', DEMO_CFG, '--output', str(tmp_path)]
     cases = [
         (base + ['--data-path', str(tmp_path / 'nowhere')], r"--data-path '.*nowhere' does not exist"),
@@ -51,17 +70,19 @@ def test_user_errors_are_one_line(tmp_path, digits_dir, small_ckpt):
         (base + ['--data-path', digits_dir, '--eval', '--resume', str(tmp_path / 'no.pth')], 'checkpoint file not found'),
         (base + ['--data-path', digits_dir, '--eval', '--resume', DEMO_CFG], 'not a readable PyTorch checkpoint'),
     ]
-    for args, pattern in cases:
-        assert_one_line_error(main_py(args), pattern)
+    assert_one_line_error(main_py(cases[0][0]), cases[0][1])      # the command line, then the rest in-process
+    for args, pattern in cases[1:]:
+        assert_one_line_error(main_in_process(args, capsys), pattern)
 
 
-def test_checkpoint_of_other_class_count_lists_keys(tmp_path, digits_dir, small_ckpt):
+def test_checkpoint_of_other_class_count_lists_keys(tmp_path, digits_dir, small_ckpt, capsys):
     sd = torch.load(small_ckpt, weights_only=True)
     sd['model']['head.weight'] = sd['model']['head.weight'][:5]
     sd['model']['head.bias'] = sd['model']['head.bias'][:5]
     bad = str(tmp_path / 'five.pth')
     torch.save(sd, bad)
-    proc = main_py(['--cfg', DEMO_CFG, '--output', str(tmp_path), '--data-path', digits_dir, '--eval', '--resume', bad])
+    proc = main_in_process(['--cfg', DEMO_CFG, '--output', str(tmp_path), '--data-path', digits_dir, '--eval',
+                            '--resume', bad], capsys)
     assert_one_line_error(proc, r'does not fit.*shape mismatch: head.weight \(5, 256\) vs model \(10, 256\)')
 
 
@@ -219,12 +240,12 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_dir)
     """SIGTERM mid-epoch, rerun: the same weights as an uninterrupted run, with the papers' augmentation, mixup /
     cutmix and drop path on and a data worker (every draw is seeded from the epoch and the step or sample)."""
     def args(out):
-        return _train_args(out, digits_dir, epochs=2) + AUGMENTED
+        return _train_args(out, digits_dir, epochs=1) + AUGMENTED
     ref = _torchrun(args(tmp_path / 'ref'))
     assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
     run_dir = os.path.join(tmp_path, 'cut', 'msg_demo', 'default')
     proc = _torchrun(args(tmp_path / 'cut'))
-    _wait_for(lambda: 'Train: [0/2][5/' in _read_log(run_dir), proc)
+    _wait_for(lambda: 'Train: [0/1][5/' in _read_log(run_dir), proc)
     for pid in _workers(proc):
         os.kill(pid, signal.SIGTERM)                         # what a scheduler sends to every task
     out = proc.communicate(timeout=120)[0]
@@ -236,11 +257,11 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_dir)
     out2 = proc2.communicate(timeout=300)[0]
     assert proc2.returncode == 0, out2[-3000:]
     assert f'continuing at epoch 0 step {stopped_at}' in out2
-    assert f'Train: [0/2][{stopped_at + 1}/25]' in out2 and 'Train: [0/2][1/25]' not in out2
+    assert f'Train: [0/1][{stopped_at + 1}/25]' in out2 and 'Train: [0/1][1/25]' not in out2
     rows = [json.loads(ln) for ln in open(os.path.join(run_dir, 'metrics.jsonl'))]
-    assert [r['epoch'] for r in rows] == [0, 1]
-    a = torch.load(os.path.join(tmp_path, 'ref', 'msg_demo', 'default', 'ckpt_epoch_1.pth'), weights_only=True)
-    b = torch.load(os.path.join(run_dir, 'ckpt_epoch_1.pth'), weights_only=True)
+    assert [r['epoch'] for r in rows] == [0]
+    a = torch.load(os.path.join(tmp_path, 'ref', 'msg_demo', 'default', 'ckpt_epoch_0.pth'), weights_only=True)
+    b = torch.load(os.path.join(run_dir, 'ckpt_epoch_0.pth'), weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
@@ -318,17 +339,18 @@ TINY = ['MODEL.MSG.EMBED_DIM', '4', 'MODEL.MSG.DEPTHS', '[1, 1, 1, 1]', 'MODEL.M
         'MODEL.MSG.WINDOW_SIZE', '2', 'MODEL.MSG.SHUF_SIZE', '[2, 2, 2, 1]']   # ~0.4 MB checkpoints
 
 
-def test_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, digits_dir):
+def test_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, digits_dir, capsys):
     a_file = tmp_path / 'taken'
     a_file.write_text('not a folder')
     base = ['--cfg', DEMO_CFG, '--data-path', digits_dir, '--opts', 'TRAIN.EPOCHS', '1', *FAST]
-    assert_one_line_error(main_py(base + ['--output', str(a_file)]), r"'.*taken' is a file, not a folder")
+    assert_one_line_error(main_in_process(base + ['--output', str(a_file)], capsys), r"'.*taken' is a file, not a folder")
     frozen = tmp_path / 'frozen'
     frozen.mkdir()
     if subprocess.run(['chattr', '+i', str(frozen)], capture_output=True).returncode != 0:
         pytest.skip('chattr +i is not available here')
     try:
-        assert_one_line_error(main_py(base + ['--output', str(frozen)]), r"output folder '.*frozen.*' is not writable")
+        assert_one_line_error(main_in_process(base + ['--output', str(frozen)], capsys),
+                              r"output folder '.*frozen.*' is not writable")
     finally:
         subprocess.run(['chattr', '-i', str(frozen)])
 
