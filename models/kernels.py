@@ -70,11 +70,12 @@ def _run_ms(fn: Callable[[], object]) -> float:
 
 
 def use_fused(op: str, tensors: tuple[torch.Tensor, ...], fused: Callable[[], object],
-              plain: Callable[[], object]) -> bool:
+              plain: Callable[[], object], prefer_fused: bool = False) -> bool:
     """Whether ``op`` on inputs like ``tensors`` should run its fused candidate (see the module docstring).
 
     ``fused`` and ``plain`` compute the op without side effects; under 'auto' both run ``1 + ROUNDS`` times on the
-    first call with a new signature (without autograd), never again."""
+    first call with a new signature (without autograd), never again. ``prefer_fused``: ties go to the fused
+    candidate (for one that saves memory: the plain one must then be ``MARGIN`` faster)."""
     mode = policy()
     if mode != 'auto':
         return mode == 'fused'
@@ -89,7 +90,10 @@ def use_fused(op: str, tensors: tuple[torch.Tensor, ...], fused: Callable[[], ob
             for name, fn in (('fused', fused), ('plain', plain)) if r % 2 == 0 else (('plain', plain), ('fused', fused)):
                 times[name].append(_run_ms(fn))
     f_ms, p_ms = statistics.median(times['fused']), statistics.median(times['plain'])
-    choice = 'fused' if f_ms < p_ms * (1 - MARGIN) else 'plain'
+    if prefer_fused:
+        choice = 'plain' if p_ms < f_ms * (1 - MARGIN) else 'fused'
+    else:
+        choice = 'fused' if f_ms < p_ms * (1 - MARGIN) else 'plain'
     with _lock:
         _decisions.setdefault(key, (choice, f_ms, p_ms))
     return _decisions[key][0] == 'fused'

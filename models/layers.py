@@ -300,8 +300,9 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, residual: Optional
     ``_GeluMlp`` if oneDNN's GEMMs are the faster here, else the plain modules; without autograd the GELU and the
     residual add fused into the GEMMs, each op as fast as this CPU runs it."""
     if torch.is_grad_enabled():
+        # Ties go to _GeluMlp: it keeps no GELU output (~10% less peak training memory).
         if kernels.use_fused('mlp', (x, fc1.weight, fc2.weight), lambda: _dnnl(F.gelu(_dnnl(x, fc1)), fc2),
-                             lambda: _plain(F.gelu(_plain(x, fc1)), fc2)):
+                             lambda: _plain(F.gelu(_plain(x, fc1)), fc2), prefer_fused=True):
             y = _GeluMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         else:
             y = fc2(F.gelu(fc1(x)))

@@ -106,3 +106,9 @@ def test_every_kernel_policy_matches_the_official_outputs(policy, family, monkey
         assert rel <= 1e-5, (grad, rel)
     if policy == 'auto':
         assert {k[0] for k in kernels.decisions()} >= {'linear', 'linear_add', 'linear_gelu'}
+
+
+def test_a_tie_goes_to_the_fused_candidate_where_it_saves_memory():
+    calls = {'fused': 0, 'plain': 0}
+    assert kernels.use_fused('mlp', (torch.zeros(1),), *_candidates(0.002, 0.002, calls), prefer_fused=True)
+    assert not kernels.use_fused('mlp', (torch.zeros(2),), *_candidates(0.004, 0.0, calls), prefer_fused=True)
