@@ -112,3 +112,30 @@ def test_a_tie_goes_to_the_fused_candidate_where_it_saves_memory():
     calls = {'fused': 0, 'plain': 0}
     assert kernels.use_fused('mlp', (torch.zeros(1),), *_candidates(0.002, 0.002, calls), prefer_fused=True)
     assert not kernels.use_fused('mlp', (torch.zeros(2),), *_candidates(0.004, 0.0, calls), prefer_fused=True)
+
+
+@pytest.mark.parametrize('cfg', ['configs/msg_demo.yaml', 'configs/MG-SSAF/MG-SSAF-demo.yaml'])
+def test_fused_and_plain_kernels_give_the_same_gradients(cfg, monkeypatch):
+    """The backward's GEMMs (oneDNN or torch.mm, ``layers._grad_gemm``) and the memory-saving MLP compute the plain
+    modules' gradients: every parameter's, under the fused and the plain policy."""
+    import os
+    from config import load_config_file
+    from models import build_model
+    config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), cfg))
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    x = torch.randn(4, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    target = torch.arange(4)
+    grads = {}
+    for policy in ('plain', 'fused'):
+        monkeypatch.setenv(kernels.ENV_VAR, policy)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)                                     # the same drop-path draws
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        grads[policy] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # Relative to each gradient, with a floor for those that are zero up to rounding (MSG's last-stage rel_pos_msg
+    # in this one-window demo geometry: ~1e-10, against ~1 for the whole gradient).
+    total = torch.cat([g.flatten() for g in grads['plain'].values()]).norm()
+    worst = max((((grads['fused'][n] - g).norm() / torch.maximum(g.norm(), 1e-6 * total)).item(), n)
+                for n, g in grads['plain'].items())
+    assert worst[0] <= 1e-4, worst
