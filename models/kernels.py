@@ -9,6 +9,7 @@ neither is hard-wired. The ops (the callers pass both candidates):
   residual add) fused, ``torch.ops.mkldnn._linear_pointwise`` (``models.layers``), or ``F.linear`` (+ ``F.gelu``
   / ``+ residual``);
 * ``attention``: ``F.scaled_dot_product_attention`` with the additive bias, or matmul, softmax, matmul.
+* ``grad_input`` / ``grad_weight``: the GEMMs of the oneDNN linears' backward, through oneDNN or ``torch.mm``.
 
 Policy (``MODEL.CPU_KERNELS``, or the ``MSGSSAF_CPU_KERNELS`` environment variable, which wins):
 
