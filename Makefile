@@ -6,6 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= msg
+# test processes: one per core (pytest-xdist); each test file stays in one process, its module fixtures once
+TEST_WORKERS ?= auto
 EPOCHS ?=
 
 .PHONY: demo test bench clean-env
@@ -19,8 +21,8 @@ demo: $(STAMP)
 	$(PY) tools/demo.py --model $(MODEL) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 test: $(STAMP)
-	$(PY) -m pytest -q
-	$(PY) tools/run_timm_suite.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) tools/run_timm_suite.py -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml --timm swin_tiny_patch4_window7_224

@@ -28,6 +28,15 @@ def subprocess_env() -> dict:
     return env
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker computes with its share of the
+    cores: a test's torch threads would otherwise compete with the other workers' (subprocesses run with one)."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(autouse=True)
 def fused_cpu_kernels(monkeypatch):
     """In-process tests run the fused CPU kernels wherever a model may (models/kernels.py; the environment wins

@@ -83,3 +83,36 @@ def test_median_row_keeps_unmeasured_timings_empty():
                'train_img_s': None, 'peak_mem_mb': 1.0} for v in (1.0, 3.0)]
     row = benchmark._median_row(rounds)
     assert row['infer_img_s'] == 2.0 and row['train_step_s'] is None and row['train_img_s'] is None
+
+
+def test_profile_groups_the_gemms_and_bounds_the_gain():
+    import torch
+
+    from tools.profile_ops import bound_lines, profile
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
+    groups = profile(model, torch.randn(32, 64), steps=2, train=False)
+    assert set(groups) == {'GEMMs', 'attention kernels', 'convolutions', 'other'}
+    # the profiler counts 2*M*N*K for each GEMM: (32x64 @ 64x128) + (32x128 @ 128x10)
+    assert groups['GEMMs'][1] == 2 * 32 * (64 * 128 + 128 * 10)
+    assert groups['GEMMs'][0] > 0 and groups['other'][0] > 0
+
+    class Fused(torch.nn.Module):                          # the ops whose FLOPs the profiler leaves at 0
+        def forward(self, x):
+            w, b = torch.ones(128, 64), torch.zeros(128)
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')                 # 2 * 32*64*128
+            y = torch.ops.mkldnn._linear_pointwise.binary(x, y, w, b, 'add')                # the same again
+            q = y.view(1, 4, 32, 32)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)                # 2 * 2 * 4*32*32*32
+    if torch.backends.mkldnn.is_available():
+        groups = profile(Fused(), torch.randn(32, 64), steps=1, train=False)
+        assert groups['GEMMs'][1] == 2 * (2 * 32 * 64 * 128)
+        assert groups['attention kernels'][1] == 2 * 2 * 4 * 32 * 32 * 32
+    rows = [('ours', {'GEMMs': [40.0, 2e10], 'other': [10.0, 0.0]}),
+            ('official', {'GEMMs': [50.0, 2e10], 'other': [50.0, 0.0]})]
+    lines = bound_lines(rows, peak_gflops=1000.0)        # 20 GFLOP at 1000 GFLOP/s: 20 ms
+    assert lines[0].startswith('GEMM work 20.0 GFLOP a step: 20.0 ms at the matmul peak')
+    assert lines[1] == 'ours: GEMMs at 50% of the peak; the rest 10.0 ms'
+    assert lines[2] == 'official: GEMMs at 40% of the peak; the rest 50.0 ms'
+    assert lines[3] == ('ours / official 2.00x; bound with our GEMM time and nothing else 2.50x; '
+                        'with GEMMs at the peak and nothing else 5.00x')

@@ -342,6 +342,13 @@ def test_timm_suite_copy_only_appends_our_modules():
     assert scope['NON_STD_FILTERS'] == ['vit_*']
 
 
+def test_timm_suite_reads_the_worker_count():
+    from tools.run_timm_suite import _workers
+    cores = len(os.sched_getaffinity(0))
+    assert _workers([]) == 1 and _workers(['-x', '-k', 'msg']) == 1
+    assert _workers(['-n', '3']) == 3 and _workers(['-n4']) == 4 and _workers(['-x', '-n', 'auto']) == cores
+
+
 def test_timm_suite_without_network_says_so_and_passes(monkeypatch, capsys):
     import tools.run_timm_suite as suite
 

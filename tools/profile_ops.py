@@ -48,17 +48,36 @@ def profile(model, x, steps: int, train: bool) -> dict:
                 model(x)
     for _ in range(2):
         step()
-    with tprofile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with tprofile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         for _ in range(steps):
             step()
     groups = {'GEMMs': [0.0, 0.0], 'attention kernels': [0.0, 0.0], 'convolutions': [0.0, 0.0], 'other': [0.0, 0.0]}
-    for e in prof.key_averages():
+    for e in prof.key_averages(group_by_input_shape=True):
         name = e.key
         group = ('GEMMs' if name in GEMM else 'attention kernels' if name in ATTENTION
                  else 'convolutions' if name in CONV else 'other')
         groups[group][0] += e.self_cpu_time_total / 1e3 / steps          # ms per step
-        groups[group][1] += (e.flops or 0) / steps
+        groups[group][1] += (e.flops or _uncounted_flops(name, e.input_shapes) * e.count) / steps
     return groups
+
+
+def _uncounted_flops(name: str, shapes: list) -> int:
+    """FLOPs of one call of the ops whose count the profiler leaves at 0: oneDNN's linear (input ..., K; weight
+    N, K; the binary overload takes the residual second) and the CPU flash attention (q B, H, L, D; k B, H, S, D:
+    two GEMMs forward, four backward)."""
+    def numel(shape):
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+    if name == 'mkldnn::_linear_pointwise' and shapes:
+        weight = shapes[2] if len(shapes) == 5 else shapes[1]      # binary: x, other, weight, bias, 'add'
+        return 2 * numel(shapes[0]) * weight[0] if len(weight) == 2 else 0
+    if name.startswith('aten::_scaled_dot_product_flash_attention_for_cpu') and shapes:
+        q, k = (shapes[1], shapes[2]) if name.endswith('_backward') else (shapes[0], shapes[1])
+        per_gemm = 2 * numel(q) * k[-2]
+        return per_gemm * (4 if name.endswith('_backward') else 2)
+    return 0
 
 
 def main() -> int:
@@ -92,7 +111,34 @@ def main() -> int:
             speed = f'{flops / ms / 1e6:8.0f}' if flops and ms else f"{'':8s}"
             print(f'{who:10s} {name:18s} {ms:8.1f} {100 * ms / total:5.1f}% {speed}')
         print(f"{who:10s} {'total':18s} {total:8.1f}")
+    for line in bound_lines(rows, machine['matmul_gflops']):
+        print(line)
     return 0
+
+
+def bound_lines(rows: list, peak_gflops: float) -> list[str]:
+    """What the profile bounds: the GEMMs' share of the CPU's matmul peak, and the most any exact
+    implementation could gain over the official model on this CPU."""
+    totals = {who: sum(ms for ms, _ in groups.values()) for who, groups in rows}
+    gemm = {who: groups['GEMMs'] for who, groups in rows}
+    # the matrix products of linears and attention, wherever an implementation runs them (the official models
+    # run attention as GEMMs, ours may run it in SDPA's kernel); the least of them is work an exact model does
+    # (ours skips rows the head never reads)
+    work = [groups['GEMMs'][1] + groups.get('attention kernels', (0.0, 0.0))[1] for _, groups in rows]
+    flops = min((f for f in work if f), default=0.0)
+    if not flops or not peak_gflops:
+        return []
+    floor_ms = flops / peak_gflops / 1e6
+    lines = [f'GEMM work {flops / 1e9:.1f} GFLOP a step: {floor_ms:.1f} ms at the matmul peak '
+             f'({peak_gflops:.0f} GFLOP/s)']
+    for who, (ms, f) in gemm.items():
+        lines.append(f'{who}: GEMMs at {100 * f / ms / 1e6 / peak_gflops:.0f}% of the peak; '
+                     f'the rest {totals[who] - ms:.1f} ms')
+    if 'official' in totals:
+        off, ours = totals['official'], totals['ours']
+        lines.append(f'ours / official {off / ours:.2f}x; bound with our GEMM time and nothing else '
+                     f'{off / gemm["ours"][0]:.2f}x; with GEMMs at the peak and nothing else {off / floor_ms:.2f}x')
+    return lines
 
 
 if __name__ == '__main__':

@@ -10,7 +10,9 @@ timm's test sizes are its own reduced ones (our models take multiples of 224 onl
 Exit status: pytest's. If the sdist cannot be fetched (no network), one line says so and the exit status is 0,
 so that the rest of ``make test`` still runs.
 
-    python tools/run_timm_suite.py [extra pytest arguments, e.g. -x or -k "msg_transformer_tiny"]
+    python tools/run_timm_suite.py [extra pytest arguments, e.g. -x, -k "msg_transformer_tiny" or -n auto]
+
+With ``-n`` (pytest-xdist, as ``make test`` runs it) each worker gets its share of the cores (OMP_NUM_THREADS).
 """
 from __future__ import annotations
 
@@ -52,6 +54,15 @@ def with_our_modules(source: str) -> str:
         + source[end:]
 
 
+def _workers(argv: list[str]) -> int:
+    """How many pytest-xdist processes ``-n N`` / ``-n auto`` in ``argv`` asks for (1 without it)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == '-n' and i + 1 < len(argv) else arg[2:] if arg.startswith('-n') else None
+        if value:
+            return len(os.sched_getaffinity(0)) if value in ('auto', 'logical') else int(value)
+    return 1
+
+
 def main(argv: list[str]) -> int:
     version = importlib.metadata.version('timm')
     with tempfile.TemporaryDirectory(prefix='timm-suite-') as tmp:
@@ -67,6 +78,9 @@ def main(argv: list[str]) -> int:
             f.write('[pytest]\nfilterwarnings =\n    ignore::DeprecationWarning\n    ignore::FutureWarning\n'
                     '    ignore::pytest.PytestUnknownMarkWarning\n')
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+        workers = _workers(argv)
+        if workers > 1 and 'OMP_NUM_THREADS' not in env:  # pytest-xdist workers share the cores
+            env['OMP_NUM_THREADS'] = str(max(1, len(os.sched_getaffinity(0)) // workers))
         cmd = [sys.executable, '-m', 'pytest', test_file, '-q', '-p', 'models', '-p', 'no:cacheprovider',
                '-k', SELECT, *argv]
         print(f'timm suite: timm {version} tests/test_models.py -k "{SELECT}"', flush=True)
