@@ -34,7 +34,9 @@ def pytest_configure(config):
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
     if workers > 1:
         import torch
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+        from tools.run_timm_suite import _cores
+        torch.set_num_threads(max(1, _cores() // workers))
 
 
 @pytest.fixture(autouse=True)

@@ -54,12 +54,17 @@ def with_our_modules(source: str) -> str:
         + source[end:]
 
 
+def _cores() -> int:
+    """The cores this process may run on (Linux: its affinity; elsewhere: all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def _workers(argv: list[str]) -> int:
     """How many pytest-xdist processes ``-n N`` / ``-n auto`` in ``argv`` asks for (1 without it)."""
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == '-n' and i + 1 < len(argv) else arg[2:] if arg.startswith('-n') else None
         if value:
-            return len(os.sched_getaffinity(0)) if value in ('auto', 'logical') else int(value)
+            return _cores() if value in ('auto', 'logical') else int(value)
     return 1
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
         workers = _workers(argv)
         if workers > 1 and 'OMP_NUM_THREADS' not in env:  # pytest-xdist workers share the cores
-            env['OMP_NUM_THREADS'] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+            env['OMP_NUM_THREADS'] = str(max(1, _cores() // workers))
         cmd = [sys.executable, '-m', 'pytest', test_file, '-q', '-p', 'models', '-p', 'no:cacheprovider',
                '-k', SELECT, *argv]
         print(f'timm suite: timm {version} tests/test_models.py -k "{SELECT}"', flush=True)
