@@ -347,6 +347,7 @@ def test_timm_suite_reads_the_worker_count():
     cores = _cores()
     assert _workers([]) == 1 and _workers(['-x', '-k', 'msg']) == 1
     assert _workers(['-n', '3']) == 3 and _workers(['-n4']) == 4 and _workers(['-x', '-n', 'auto']) == cores
+    assert _workers(['-n', 'many']) == 1           # left to pytest-xdist to refuse, in one line
 
 
 def test_timm_suite_without_network_says_so_and_passes(monkeypatch, capsys):
