@@ -88,11 +88,16 @@ def test_median_row_keeps_unmeasured_timings_empty():
 def test_profile_groups_the_gemms_and_bounds_the_gain():
     import torch
 
-    from tools.profile_ops import bound_lines, profile
+    from tools.profile_ops import bound_lines, profile, top_lines
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
-    groups = profile(model, torch.randn(32, 64), steps=2, train=False)
+    ops = {}
+    groups = profile(model, torch.randn(32, 64), steps=2, train=False, ops=ops)
     assert set(groups) == {'GEMMs', 'attention kernels', 'convolutions', 'other'}
+    # per operator: the same self time as the groups, the GELU among them, listed by time
+    assert 'aten::gelu' in ops and abs(sum(ops.values()) - sum(ms for ms, _ in groups.values())) < 1e-6
+    lines = top_lines(ops, 2)
+    assert len(lines) == 2 and max(ops, key=ops.get) in lines[0] and lines[0].endswith('%')
     # the profiler counts 2*M*N*K for each GEMM: (32x64 @ 64x128) + (32x128 @ 128x10)
     assert groups['GEMMs'][1] == 2 * 32 * (64 * 128 + 128 * 10)
     assert groups['GEMMs'][0] > 0 and groups['other'][0] > 0

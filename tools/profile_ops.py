@@ -1,7 +1,7 @@
 """Where the time of a forward pass (or training step) goes, by kind of op, ours beside the official model.
 
     python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
-        [--batch-size 8] [--threads 2] [--train] [--steps 3]
+        [--batch-size 8] [--threads 2] [--train] [--steps 3] [--top 12]
 
 Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
 operators in four groups: GEMMs (linear / matmul / bmm / addmm / oneDNN linear, with the GFLOP/s they reach from
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,7 +28,8 @@ CONV = ('aten::mkldnn_convolution', 'aten::convolution', 'aten::_convolution', '
         'aten::convolution_backward', 'aten::_slow_conv2d_forward')
 
 
-def profile(model, x, steps: int, train: bool) -> dict:
+def profile(model, x, steps: int, train: bool, ops: Optional[dict] = None) -> dict:
+    """ms and FLOPs per step of each group; ``ops``, if given, gets each operator's self ms per step."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -57,6 +59,8 @@ def profile(model, x, steps: int, train: bool) -> dict:
         group = ('GEMMs' if name in GEMM else 'attention kernels' if name in ATTENTION
                  else 'convolutions' if name in CONV else 'other')
         groups[group][0] += e.self_cpu_time_total / 1e3 / steps          # ms per step
+        if ops is not None:
+            ops[name] = ops.get(name, 0.0) + e.self_cpu_time_total / 1e3 / steps
         groups[group][1] += (e.flops or _uncounted_flops(name, e.input_shapes) * e.count) / steps
     return groups
 
@@ -88,6 +92,8 @@ def main() -> int:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--train', action='store_true', help='profile a training step instead of inference')
+    parser.add_argument('--top', type=int, default=0, metavar='N',
+                        help='also list the N operators with the most self time, per model')
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -99,9 +105,11 @@ def main() -> int:
     machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
     cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
     x = torch.randn(args.batch_size, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
-    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train))]
+    ops = {'ours': {}, 'official': {}}
+    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train, ops['ours']))]
     if args.official:
-        rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train)))
+        rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train,
+                                         ops['official'])))
     print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
           f"{cfg.MODEL.NAME}, batch {args.batch_size}, {'training step' if args.train else 'inference'}")
     print(f"{'':10s} {'group':18s} {'ms':>8s} {'share':>6s} {'GFLOP/s':>8s}")
@@ -113,7 +121,18 @@ def main() -> int:
         print(f"{who:10s} {'total':18s} {total:8.1f}")
     for line in bound_lines(rows, machine['matmul_gflops']):
         print(line)
+    for who, _ in rows if args.top > 0 else ():
+        print(f'{who}: the {args.top} operators with the most self time, ms per step')
+        for line in top_lines(ops[who], args.top):
+            print(line)
     return 0
+
+
+def top_lines(ops: dict, n: int) -> list[str]:
+    """The ``n`` operators of ``ops`` (name -> ms per step) with the most time, one line each, with their share."""
+    total = sum(ops.values()) or 1.0
+    return [f'  {name:50s} {ms:8.1f} {100 * ms / total:5.1f}%'
+            for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def bound_lines(rows: list, peak_gflops: float) -> list[str]:
