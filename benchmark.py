@@ -123,8 +123,12 @@ def measure_onnxruntime(spec: dict, args: dict) -> dict:
             'peak_mem_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+PARTS = ('infer', 'latency', 'train')
+
+
 def measure(spec: dict, args: dict) -> dict:
-    """Runs in a child process: build, then time inference, latency and a train step."""
+    """Runs in a child process: build, then time inference, latency and a train step (``args['parts']``, if
+    given, names a subset of ``PARTS`` to time; the others are None, and so is the peak memory without 'train')."""
     if spec['kind'] == 'onnxruntime':
         return measure_onnxruntime(spec, args)
     import torch
@@ -152,6 +156,7 @@ def measure(spec: dict, args: dict) -> dict:
     x1 = x[:1].clone()
     n_params = sum(p.numel() for p in model.parameters())
 
+    parts = args.get('parts') or PARTS
     model.eval()
     with torch.inference_mode():
         def infer():
@@ -161,8 +166,14 @@ def measure(spec: dict, args: dict) -> dict:
         def infer1():
             with autocast():
                 run_model(x1)
-        t_inf = _median_seconds(infer, sync, args['min_time'])
-        t_lat = _median_seconds(infer1, sync, args['min_time'])
+        t_inf = _median_seconds(infer, sync, args['min_time']) if 'infer' in parts else None
+        t_lat = _median_seconds(infer1, sync, args['min_time']) if 'latency' in parts else None
+    result = {'model': name, 'img_size': size, 'params_m': n_params / 1e6, 'batch': b,
+              'infer_img_s': None if t_inf is None else b / t_inf,
+              'latency_ms': None if t_lat is None else 1000 * t_lat, 'train_step_s': None, 'train_img_s': None,
+              'peak_mem_mb': None}
+    if 'train' not in parts:
+        return result
 
     model.train()
     if cfg is not None:  # ours: this codebase's optimiser (fused AdamW, decay groups), as main.py trains
@@ -188,10 +199,8 @@ def measure(spec: dict, args: dict) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from models import kernels
-    return {'model': name, 'img_size': size, 'params_m': n_params / 1e6, 'batch': b,
-            'infer_img_s': b / t_inf, 'latency_ms': 1000 * t_lat, 'train_step_s': t_train,
-            'train_img_s': b / t_train, 'peak_mem_mb': peak_mb,
-            'cpu_kernels': kernels.summary() if cfg is not None and device.type == 'cpu' else None}
+    return dict(result, train_step_s=t_train, train_img_s=b / t_train, peak_mem_mb=peak_mb,
+                cpu_kernels=kernels.summary() if cfg is not None and device.type == 'cpu' else None)
 
 
 def measure_machine(spec: dict, args: dict) -> dict:

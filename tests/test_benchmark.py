@@ -98,6 +98,9 @@ def test_profile_groups_the_gemms_and_bounds_the_gain():
     assert 'aten::gelu' in ops and abs(sum(ops.values()) - sum(ms for ms, _ in groups.values())) < 1e-6
     lines = top_lines(ops, 2)
     assert len(lines) == 2 and max(ops, key=ops.get) in lines[0] and lines[0].endswith('%')
+    by_shape = {}
+    profile(model, torch.randn(32, 64), steps=1, train=False, ops=by_shape, by_shape=True)
+    assert 'aten::gelu [[32, 128], []]' in by_shape                       # the operator and its input shapes
     # the profiler counts 2*M*N*K for each GEMM: (32x64 @ 64x128) + (32x128 @ 128x10)
     assert groups['GEMMs'][1] == 2 * 32 * (64 * 128 + 128 * 10)
     assert groups['GEMMs'][0] > 0 and groups['other'][0] > 0
@@ -121,3 +124,76 @@ def test_profile_groups_the_gemms_and_bounds_the_gain():
     assert lines[2] == 'official: GEMMs at 40% of the peak; the rest 50.0 ms'
     assert lines[3] == ('ours / official 2.00x; bound with our GEMM time and nothing else 2.50x; '
                         'with GEMMs at the peak and nothing else 5.00x')
+
+
+def test_floor_replays_each_product_at_its_fastest_kernel():
+    import torch
+    import torch.nn.functional as F
+
+    from tools.profile_ops import _candidates, floor_lines, record_products, replay_floor
+
+    class Net(torch.nn.Module):                              # a conv, two linears, attention with and without SDPA
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.fc1, self.fc2 = torch.nn.Linear(8, 24), torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.conv(x).flatten(2).transpose(1, 2)      # B, 16, 8
+            q, k, v = self.fc1(x).view(x.shape[0], 1, 16, 24).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(q, k, v) + (q @ k.transpose(-2, -1)).softmax(-1) @ v
+            return self.fc2(a.mean((1, 2)))
+    torch.manual_seed(0)
+    calls = record_products(Net(), torch.randn(2, 3, 8, 8), train=False)
+    names = sorted({name for name, _, _ in calls})
+    assert 'aten::mkldnn_convolution' in names and 'aten::bmm' in names and 'aten::addmm' in names
+    conv = next(key for key in calls if key[0] == 'aten::mkldnn_convolution')
+    assert conv[1][:2] == ((2, 3, 8, 8), (8, 3, 3, 3)) and conv[2][3:7] == ((1, 1), (2, 2), (1, 1), 1)
+    kinds = replay_floor(calls)
+    assert set(kinds) <= {'linear GEMMs', 'attention products', 'convolutions'}
+    assert kinds['convolutions'][1] == 1 and kinds['linear GEMMs'][1] == 2
+    assert all(ms > 0 for ms, _ in kinds.values())
+    # the candidates of one call compute the same product (oneDNN's linear and addmm: one set of inputs)
+    for key in calls:
+        if key[0] == 'aten::addmm':
+            outs = [fn() for fn in _candidates(*key)]
+            assert len(outs) == (2 if torch.backends.mkldnn.is_available() else 1)
+            assert all(torch.allclose(o, outs[0], rtol=1e-4, atol=1e-4) for o in outs)
+    with pytest.raises(ValueError, match='no floor candidates'):
+        _candidates('aten::gelu', ((2,),), (None,))
+    with pytest.raises(ValueError, match='only 2-D convolutions'):                 # a 1-D conv is not replayed
+        _candidates('aten::mkldnn_convolution', ((2, 3, 8), (8, 3, 3), (8,)), (None,) * 3 + ((1,), (1,), (1,), 1))
+    # training: the backward's products too (the convolution's backward, the linears' grad GEMMs)
+    train_calls = record_products(Net(), torch.randn(2, 3, 8, 8), train=True)
+    names = {name for name, _, _ in train_calls}
+    assert {'aten::convolution_backward', 'aten::mm'} <= names
+    train_kinds = replay_floor(train_calls)
+    assert train_kinds['convolutions'][1] == 2 and train_kinds['linear GEMMs'][1] > kinds['linear GEMMs'][1]
+    lines = floor_lines({'linear GEMMs': [60.0, 3], 'convolutions': [20.0, 1]}, ours_ms=100.0, official_ms=130.0)
+    assert lines[-4] == '  floor                    80.0 ms; ours 100.0 ms, 20.0 ms above it'
+    assert lines[-3] == 'official 130.0 ms: ours / official 1.30x; at most 1.62x with the floor and nothing else'
+    assert lines[-2] == '  1.3x the official leaves 20.0 ms above the floor (ours is 20.0 ms above it)'
+    assert lines[-1] == '  2.0x the official is out of reach: 65.0 ms < the floor'
+
+
+def test_floor_command_on_our_model(capsys):
+    from tools.profile_ops import main
+    rc = main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', '--batch-size', '2',
+               '--threads', '1', '--rounds', '1', '--min-time', '0.05'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r'float32 matmul \d+ GFLOP/s, 1 threads; msg_demo, batch 2, inference', out)
+    assert re.search(r'linear GEMMs +[\d.]+ ms +\(\d+ calls\)', out)
+    assert re.search(r'attention products +[\d.]+ ms', out) and re.search(r'convolutions +[\d.]+ ms', out)
+    assert re.search(r'floor +[\d.]+ ms; ours [\d.]+ ms', out) and 'official' not in out.split('floor:')[1]
+    assert re.search(r'unprofiled ms a step, by round: ours \d+ \(median \d+\)', out)
+
+
+@pytest.mark.parametrize('argv, message', [(['--rounds', '0'], '--rounds must be >= 1'),
+                                           (['--cfg', 'missing.yaml'], "config file not found: 'missing.yaml'")])
+def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
+    from tools.profile_ops import main
+    with pytest.raises(SystemExit) as e:
+        main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1]

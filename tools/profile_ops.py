@@ -2,6 +2,8 @@
 
     python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
         [--batch-size 8] [--threads 2] [--train] [--steps 3] [--top 12]
+    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --floor \
+        [--train] [--rounds 3] [--min-time 2] [--keep-freed-memory]
 
 Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
 operators in four groups: GEMMs (linear / matmul / bmm / addmm / oneDNN linear, with the GFLOP/s they reach from
@@ -9,13 +11,25 @@ the FLOP counts the profiler records), attention kernels (scaled_dot_product_att
 rest (norms, softmax, GELU, copies, ...). Next to the measured float32 matmul speed of this CPU
 (benchmark.measure_machine) this bounds what any exact implementation can gain: the GEMMs do the same FLOPs in
 every implementation.
+
+``--floor`` bounds it with this CPU's own kernels instead of one 2048^3 GEMM, and without the profiler's
+overhead: it records every GEMM, attention product and convolution of one pass of our model (shapes and
+arguments), times each alone with every kernel PyTorch has for it here (oneDNN or MKL; contiguous or
+channels-last), keeps the fastest, and sums them: the floor. Both models are timed unprofiled as
+``benchmark.py`` times them (fresh processes, ``--rounds`` alternating, medians). ``official / floor`` is the
+most any implementation on these kernels can gain if everything else (norms, softmax, GELU, copies, memory
+traffic between ops) took no time; for each target ratio the lines say how many ms that leaves outside the floor.
+Alone, an op's inputs and output stay in cache and its buffers are reused: the floor is optimistic, the bound
+generous.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-from typing import Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,8 +42,9 @@ CONV = ('aten::mkldnn_convolution', 'aten::convolution', 'aten::_convolution', '
         'aten::convolution_backward', 'aten::_slow_conv2d_forward')
 
 
-def profile(model, x, steps: int, train: bool, ops: Optional[dict] = None) -> dict:
-    """ms and FLOPs per step of each group; ``ops``, if given, gets each operator's self ms per step."""
+def profile(model, x, steps: int, train: bool, ops: Optional[dict] = None, by_shape: bool = False) -> dict:
+    """ms and FLOPs per step of each group; ``ops``, if given, gets each operator's self ms per step (``by_shape``:
+    each operator and input shapes')."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -60,7 +75,8 @@ def profile(model, x, steps: int, train: bool, ops: Optional[dict] = None) -> di
                  else 'convolutions' if name in CONV else 'other')
         groups[group][0] += e.self_cpu_time_total / 1e3 / steps          # ms per step
         if ops is not None:
-            ops[name] = ops.get(name, 0.0) + e.self_cpu_time_total / 1e3 / steps
+            key = f'{name} {e.input_shapes}' if by_shape else name
+            ops[key] = ops.get(key, 0.0) + e.self_cpu_time_total / 1e3 / steps
         groups[group][1] += (e.flops or _uncounted_flops(name, e.input_shapes) * e.count) / steps
     return groups
 
@@ -84,7 +100,180 @@ def _uncounted_flops(name: str, shapes: list) -> int:
     return 0
 
 
-def main() -> int:
+# --- the floor: our model's products, each at the fastest kernel PyTorch has for it here, timed alone -----------
+# Leaf kernels only (aten::linear, aten::matmul and aten::convolution are wrappers whose children are listed).
+FLOOR_KINDS = {'mkldnn::_linear_pointwise': 'linear GEMMs', 'aten::addmm': 'linear GEMMs', 'aten::mm': 'linear GEMMs',
+               'aten::bmm': 'attention products', 'aten::baddbmm': 'attention products',
+               'aten::_scaled_dot_product_flash_attention_for_cpu': 'attention products',
+               'aten::_scaled_dot_product_flash_attention_for_cpu_backward': 'attention products',
+               'aten::mkldnn_convolution': 'convolutions', 'aten::_slow_conv2d_forward': 'convolutions',
+               'aten::convolution_backward': 'convolutions'}
+FLOOR_REPEATS = 5  # timed runs per candidate after one warm-up; the median counts
+
+Call = Tuple[str, tuple, tuple]  # (op name, input shapes, concrete arguments), as the profiler records a call
+
+
+def record_products(model, x, train: bool) -> Dict[Call, int]:
+    """One profiled pass (after two warm-ups, so that the model's per-shape kernel choices are made): every call of
+    a ``FLOOR_KINDS`` kernel, as {(name, input shapes, concrete arguments): number of calls}. ``train``: forward,
+    cross-entropy and backward in train mode; else the forward in eval mode under ``torch.inference_mode``."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    model.train(train)
+
+    def step():
+        if train:
+            torch.nn.functional.cross_entropy(model(x), torch.zeros(x.shape[0], dtype=torch.long)).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                model(x)
+    for _ in range(2):
+        step()
+    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    calls: Dict[Call, int] = {}
+    for e in prof.events():
+        if e.name in FLOOR_KINDS:
+            key = (e.name, _frozen(e.input_shapes), _frozen(e.concrete_inputs))
+            calls[key] = calls.get(key, 0) + 1
+    return calls
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (of lists) as tuples: a recorded call as a dict key."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    """Median ms of ``FLOOR_REPEATS`` runs of ``fn`` after one warm-up."""
+    fn()
+    times = []
+    for _ in range(FLOOR_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _candidates(name: str, shapes: tuple, concrete: tuple) -> List[Callable[[], object]]:
+    """Ways to compute the product of one recorded call on random inputs of its shapes, to time: the kernels PyTorch
+    has here for it (a GEMM through oneDNN and through ``addmm`` / ``mm``; a convolution through oneDNN's
+    ``mkldnn_convolution`` and ``F.conv2d``, contiguous and channels-last; a CPU flash attention as itself and as
+    its batched products, without their softmax). Operands are contiguous (the profiler records no strides)."""
+    import torch
+    import torch.nn.functional as F
+    rand = torch.randn
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+    def dnnl(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Callable[[], object]:
+        return lambda: torch.ops.mkldnn._linear_pointwise(a, w, bias, 'none', [], '')  # a (..., K) @ w (N, K)^T
+
+    if name == 'mkldnn::_linear_pointwise':
+        x, w, b = (shapes[0], shapes[2], shapes[3]) if len(shapes) == 5 else shapes[:3]  # binary: x, other, w, b
+        a, weight, bias = rand(x), rand(w), rand(b) if b else None
+        return [dnnl(a, weight, bias), lambda: F.linear(a, weight, bias)]
+    if name in ('aten::addmm', 'aten::mm'):
+        bias_shape, m1, m2 = shapes[:3] if name == 'aten::addmm' else ((), *shapes[:2])
+        a, weight = rand(m1), rand(m2[1], m2[0])  # the (K, N) operand as an (N, K) weight
+        bias = rand(bias_shape) if bias_shape else None
+        fns = [(lambda: torch.addmm(bias, a, weight.t())) if bias is not None else (lambda: torch.mm(a, weight.t()))]
+        if onednn and (bias is None or bias.dim() == 1):  # oneDNN's linear takes one bias per output column
+            fns.append(dnnl(a, weight, None if bias is None else bias.expand(m2[1]).contiguous()))
+        return fns
+    if name == 'aten::bmm':
+        a, b = rand(shapes[0]), rand(shapes[1])
+        return [lambda: torch.bmm(a, b)]
+    if name == 'aten::baddbmm':
+        c, a, b = rand(shapes[0]), rand(shapes[1]), rand(shapes[2])
+        return [lambda: torch.baddbmm(c, a, b)]
+    if name.startswith('aten::_scaled_dot_product_flash_attention_for_cpu'):
+        backward = name.endswith('_backward')
+        q, k, v = shapes[1:4] if backward else shapes[:3]  # the backward's inputs start with grad_out
+        bh, lq, lk, d, dv = q[0] * q[1], q[2], k[2], q[3], v[3]
+        qm, km_t, p, vm = rand(bh, lq, d), rand(bh, d, lk), rand(bh, lq, lk), rand(bh, lk, dv)
+        if backward:  # dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q (dO: lq x dv, dS: lq x lk)
+            do = rand(bh, lq, dv)
+            return [lambda: (torch.bmm(do, vm.transpose(1, 2)), torch.bmm(p.transpose(1, 2), do),
+                             torch.bmm(p, km_t.transpose(1, 2)), torch.bmm(p.transpose(1, 2), qm))]
+        q4, k4, v4 = rand(q), rand(k), rand(v)
+        mask = rand(shapes[5]) if len(shapes) > 5 and shapes[5] else None
+        return [lambda: (torch.bmm(qm, km_t), torch.bmm(p, vm)),
+                lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)]
+    if name in ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward', 'aten::convolution_backward'):
+        return _conv_candidates(name, shapes, concrete)
+    raise ValueError(f'no floor candidates for {name}')
+
+
+def _conv_candidates(name: str, shapes: tuple, concrete: tuple) -> List[Callable[[], object]]:
+    """``_candidates`` of a recorded 2-D convolution (forward or backward)."""
+    import torch
+    import torch.nn.functional as F
+    needed = {'aten::convolution_backward': (4, 5, 6), 'aten::_slow_conv2d_forward': (4, 5)}.get(name, (3, 4, 5, 6))
+    if len(shapes[0]) != 4 or len(concrete) <= max(needed) or any(concrete[i] is None for i in needed):
+        raise ValueError(f'{name}: only 2-D convolutions with recorded arguments are replayed, got input '
+                         f'{shapes[0]} and arguments {concrete}')
+    if name == 'aten::convolution_backward':
+        grad_shape, x_shape, w_shape = shapes[:3]
+        bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = concrete[3:11]
+        fns = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            g, x, w = (torch.randn(s).contiguous(memory_format=fmt) for s in (grad_shape, x_shape, w_shape))
+            fns.append(lambda g=g, x=x, w=w: torch.ops.aten.convolution_backward(
+                g, x, w, bias_sizes, list(stride), list(padding), list(dilation), transposed, list(output_padding),
+                groups, list(mask)))
+        return fns
+    if name == 'aten::_slow_conv2d_forward':  # (input, weight, kernel_size, bias, stride, padding)
+        (x_shape, w_shape), b_shape = shapes[:2], shapes[3]
+        stride, padding, dilation, groups = concrete[4], concrete[5], (1, 1), 1
+    else:  # mkldnn_convolution(input, weight, bias, padding, stride, dilation, groups)
+        (x_shape, w_shape, b_shape), (padding, stride, dilation, groups) = shapes[:3], concrete[3:7]
+    args = (list(padding), list(stride), list(dilation), groups)
+    fns = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x, w = torch.randn(x_shape).contiguous(memory_format=fmt), torch.randn(w_shape).contiguous(memory_format=fmt)
+        b = torch.randn(b_shape) if b_shape else None
+        fns.append(lambda x=x, w=w, b=b: F.conv2d(x, w, b, args[1], args[0], args[2], groups))
+        if torch.backends.mkldnn.is_available():
+            fns.append(lambda x=x, w=w, b=b: torch.ops.aten.mkldnn_convolution(x, w, b, *args))
+    return fns
+
+
+def replay_floor(calls: Dict[Call, int]) -> Dict[str, List[float]]:
+    """{kind: [ms, calls]}: each recorded call at the fastest of its candidates (``_candidates``; the median of
+    ``FLOOR_REPEATS`` runs each, measured once per distinct call), times its number of calls."""
+    import torch
+    kinds: Dict[str, List[float]] = {}
+    with torch.no_grad():
+        for (name, shapes, concrete), n in calls.items():
+            ms = min(_median_ms(fn) for fn in _candidates(name, shapes, concrete))
+            row = kinds.setdefault(FLOOR_KINDS[name], [0.0, 0])
+            row[0] += ms * n
+            row[1] += n
+    return kinds
+
+
+def floor_lines(kinds: Dict[str, List[float]], ours_ms: float, official_ms: Optional[float],
+                targets: Tuple[float, ...] = (1.3, 2.0)) -> List[str]:
+    """The floor by kind and what it bounds: how much faster than the official an implementation doing our products
+    on these kernels could be if nothing else (norms, softmax, GELU, copies, traffic between ops) took time, and
+    for each target ratio the ms that leaves for everything else."""
+    total = sum(ms for ms, _ in kinds.values())
+    lines = [f'  {kind:20s} {ms:8.1f} ms  ({n} calls)' for kind, (ms, n) in sorted(kinds.items())]
+    lines.append(f"  {'floor':20s} {total:8.1f} ms; ours {ours_ms:.1f} ms, {ours_ms - total:.1f} ms above it")
+    if official_ms and total > 0:
+        lines.append(f'official {official_ms:.1f} ms: ours / official {official_ms / ours_ms:.2f}x; at most '
+                     f'{official_ms / total:.2f}x with the floor and nothing else')
+        for t in targets:
+            budget = official_ms / t - total
+            lines.append(f'  {t:.1f}x the official leaves {budget:.1f} ms above the floor '
+                         f'(ours is {ours_ms - total:.1f} ms above it)' if budget > 0 else
+                         f'  {t:.1f}x the official is out of reach: {official_ms / t:.1f} ms < the floor')
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', required=True)
     parser.add_argument('--official', default='', help='checkout of the official repository of this model')
@@ -94,7 +283,22 @@ def main() -> int:
     parser.add_argument('--train', action='store_true', help='profile a training step instead of inference')
     parser.add_argument('--top', type=int, default=0, metavar='N',
                         help='also list the N operators with the most self time, per model')
-    args = parser.parse_args()
+    parser.add_argument('--by-shape', action='store_true', help='--top: each operator by its input shapes')
+    parser.add_argument('--floor', action='store_true',
+                        help="instead: our model's GEMMs, attention products and convolutions, each at the fastest "
+                             "kernel PyTorch has for it here, timed alone; beside both models' unprofiled times")
+    parser.add_argument('--rounds', type=int, default=3, help='--floor: unprofiled timings of each model, alternating')
+    parser.add_argument('--min-time', type=float, default=2.0, help='--floor: seconds per unprofiled timing')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help="--floor: the models' unprofiled timings with main.py's allocator setting, as "
+                             "benchmark.py --keep-freed-memory (default: the C library's, as benchmark.py)")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.threads, args.steps, args.rounds) < 1 or args.min_time <= 0:
+        parser.error('--batch-size, --threads, --steps and --rounds must be >= 1 and --min-time > 0')
+    if not os.path.isfile(args.cfg):
+        parser.error(f"config file not found: '{args.cfg}'")
+    if args.floor:
+        return main_floor(args)
     import torch
     torch.set_num_threads(args.threads)
     from benchmark import _official_model, measure_machine
@@ -106,10 +310,10 @@ def main() -> int:
     cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
     x = torch.randn(args.batch_size, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
     ops = {'ours': {}, 'official': {}}
-    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train, ops['ours']))]
+    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train, ops['ours'], args.by_shape))]
     if args.official:
         rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train,
-                                         ops['official'])))
+                                         ops['official'], args.by_shape)))
     print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
           f"{cfg.MODEL.NAME}, batch {args.batch_size}, {'training step' if args.train else 'inference'}")
     print(f"{'':10s} {'group':18s} {'ms':>8s} {'share':>6s} {'GFLOP/s':>8s}")
@@ -122,9 +326,53 @@ def main() -> int:
     for line in bound_lines(rows, machine['matmul_gflops']):
         print(line)
     for who, _ in rows if args.top > 0 else ():
-        print(f'{who}: the {args.top} operators with the most self time, ms per step')
+        print(f"{who}: the {args.top} operators{' and input shapes' if args.by_shape else ''} with the most self "
+              f"time, ms per step")
         for line in top_lines(ops[who], args.top):
             print(line)
+    return 0
+
+
+def main_floor(args: argparse.Namespace) -> int:
+    """``--floor``: ours and the official timed as ``benchmark.py`` times them (fresh processes, alternating), then
+    our model's products recorded and replayed alone (``replay_floor``)."""
+    import torch
+    from benchmark import measure_machine, run_isolated
+    from config import load_config_file
+    from models import build_model
+    from utils import keep_freed_memory
+    cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
+    b, what = args.batch_size, 'train' if args.train else 'infer'
+    bench = {'batch_size': b, 'img_size': None, 'threads': args.threads, 'device': 'cpu', 'compile': False,
+             'channels_last': False, 'amp_dtype': None, 'min_time': args.min_time,
+             'keep_freed_memory': args.keep_freed_memory, 'parts': (what,)}
+    specs = {'ours': {'kind': 'cfg', 'name': args.cfg}}
+    if args.official:
+        specs['official'] = {'kind': 'official', 'name': args.cfg, 'root': args.official}
+    times: Dict[str, List[float]] = {who: [] for who in specs}
+    for _ in range(args.rounds):
+        for who, spec in specs.items():
+            r = run_isolated(spec, bench)
+            if 'error' in r:
+                print(f"{who}: {r['error']}", file=sys.stderr)
+                return 1
+            times[who].append(1e3 * (r['train_step_s'] if args.train else b / r['infer_img_s']))
+    ms = {who: statistics.median(t) for who, t in times.items()}
+    keep_freed_memory()  # the replays reuse their buffers (this process only: the timings ran in their own)
+    torch.set_num_threads(args.threads)
+    machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
+    torch.manual_seed(0)
+    x = torch.randn(b, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
+    kinds = replay_floor(record_products(build_model(cfg), x, args.train))
+    step = ('training step (forward, loss, backward and optimiser step; the floor: forward and backward)'
+            if args.train else 'inference')
+    print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
+          f"{cfg.MODEL.NAME}, batch {b}, {step}")
+    print('unprofiled ms a step, by round: ' + '; '.join(
+        f"{who} {', '.join(f'{t:.0f}' for t in ts)} (median {ms[who]:.0f})" for who, ts in times.items()))
+    print("floor: our model's products, each at the fastest kernel PyTorch has for it here, timed alone")
+    for line in floor_lines(kinds, ms['ours'], ms.get('official')):
+        print(line)
     return 0
 
 
