@@ -174,6 +174,8 @@ def test_floor_replays_each_product_at_its_fastest_kernel():
     assert lines[-3] == 'official 130.0 ms: ours / official 1.30x; at most 1.62x with the floor and nothing else'
     assert lines[-2] == '  1.3x the official leaves 20.0 ms above the floor (ours is 20.0 ms above it)'
     assert lines[-1] == '  2.0x the official is out of reach: 65.0 ms < the floor'
+    lines = floor_lines({'linear GEMMs': [60.0, 3]}, ours_ms=100.0, official_ms=130.0, targets=(1.2,))
+    assert lines[-1] == '  1.2x the official leaves 48.3 ms above the floor (ours is 40.0 ms above it)'
 
 
 def test_floor_command_on_our_model(capsys):
@@ -190,6 +192,7 @@ def test_floor_command_on_our_model(capsys):
 
 
 @pytest.mark.parametrize('argv, message', [(['--rounds', '0'], '--rounds must be >= 1'),
+                                           (['--targets', '0'], '--targets must be ratios > 0'),
                                            (['--cfg', 'missing.yaml'], "config file not found: 'missing.yaml'")])
 def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
     from tools.profile_ops import main

@@ -289,12 +289,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "kernel PyTorch has for it here, timed alone; beside both models' unprofiled times")
     parser.add_argument('--rounds', type=int, default=3, help='--floor: unprofiled timings of each model, alternating')
     parser.add_argument('--min-time', type=float, default=2.0, help='--floor: seconds per unprofiled timing')
+    parser.add_argument('--targets', type=float, nargs='+', default=[1.3, 2.0], metavar='X',
+                        help='--floor: ratios over the official to weigh against the floor (issue 15: 1.3 and 2.0 '
+                             'for inference, 1.2 and 2.0 for training)')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="--floor: the models' unprofiled timings with main.py's allocator setting, as "
                              "benchmark.py --keep-freed-memory (default: the C library's, as benchmark.py)")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.threads, args.steps, args.rounds) < 1 or args.min_time <= 0:
         parser.error('--batch-size, --threads, --steps and --rounds must be >= 1 and --min-time > 0')
+    if min(args.targets) <= 0:
+        parser.error('--targets must be ratios > 0')
     if not os.path.isfile(args.cfg):
         parser.error(f"config file not found: '{args.cfg}'")
     if args.floor:
@@ -371,7 +376,7 @@ def main_floor(args: argparse.Namespace) -> int:
     print('unprofiled ms a step, by round: ' + '; '.join(
         f"{who} {', '.join(f'{t:.0f}' for t in ts)} (median {ms[who]:.0f})" for who, ts in times.items()))
     print("floor: our model's products, each at the fastest kernel PyTorch has for it here, timed alone")
-    for line in floor_lines(kinds, ms['ours'], ms.get('official')):
+    for line in floor_lines(kinds, ms['ours'], ms.get('official'), tuple(args.targets)):
         print(line)
     return 0
 
