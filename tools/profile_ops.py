@@ -14,13 +14,13 @@ every implementation.
 
 ``--floor`` bounds it with this CPU's own kernels instead of one 2048^3 GEMM, and without the profiler's
 overhead: it records every GEMM, attention product and convolution of one pass of our model (shapes and
-arguments), times each alone with every kernel PyTorch has for it here (oneDNN or MKL; contiguous or
-channels-last), keeps the fastest, and sums them: the floor. Both models are timed unprofiled as
-``benchmark.py`` times them (fresh processes, ``--rounds`` alternating, medians). ``official / floor`` is the
-most any implementation on these kernels can gain if everything else (norms, softmax, GELU, copies, memory
-traffic between ops) took no time; for each target ratio the lines say how many ms that leaves outside the floor.
-Alone, an op's inputs and output stay in cache and its buffers are reused: the floor is optimistic, the bound
-generous.
+arguments), times each alone with the kernels PyTorch offers for it here (``_candidates``: oneDNN or MKL;
+contiguous or channels-last), keeps the fastest, and sums them: the floor. Both models are timed unprofiled as
+``benchmark.py`` times them (fresh processes, ``--rounds`` alternating, medians). ``official / floor`` is about
+the most an implementation computing our products with these kernels could gain if everything else (norms,
+softmax, GELU, copies, memory traffic between ops) took no time; for each target ratio the lines say how many ms
+that leaves above the floor. Alone, an op's inputs and output stay in cache and its buffers are reused: the floor
+is optimistic, the bound generous (but each figure is a median of ``FLOOR_REPEATS`` runs on a noisy machine).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _uncounted_flops(name: str, shapes: list) -> int:
     return 0
 
 
-# --- the floor: our model's products, each at the fastest kernel PyTorch has for it here, timed alone -----------
+# --- the floor: our model's products, each at the fastest kernel PyTorch offers here, timed alone ---------------
 # Leaf kernels only (aten::linear, aten::matmul and aten::convolution are wrappers whose children are listed).
 FLOOR_KINDS = {'mkldnn::_linear_pointwise': 'linear GEMMs', 'aten::addmm': 'linear GEMMs', 'aten::mm': 'linear GEMMs',
                'aten::bmm': 'attention products', 'aten::baddbmm': 'attention products',
@@ -286,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--by-shape', action='store_true', help='--top: each operator by its input shapes')
     parser.add_argument('--floor', action='store_true',
                         help="instead: our model's GEMMs, attention products and convolutions, each at the fastest "
-                             "kernel PyTorch has for it here, timed alone; beside both models' unprofiled times")
+                             "kernel PyTorch offers for it here, timed alone; beside both models' unprofiled times")
     parser.add_argument('--rounds', type=int, default=3, help='--floor: unprofiled timings of each model, alternating')
     parser.add_argument('--min-time', type=float, default=2.0, help='--floor: seconds per unprofiled timing')
     parser.add_argument('--targets', type=float, nargs='+', default=[1.3, 2.0], metavar='X',
@@ -375,7 +375,7 @@ def main_floor(args: argparse.Namespace) -> int:
           f"{cfg.MODEL.NAME}, batch {b}, {step}")
     print('unprofiled ms a step, by round: ' + '; '.join(
         f"{who} {', '.join(f'{t:.0f}' for t in ts)} (median {ms[who]:.0f})" for who, ts in times.items()))
-    print("floor: our model's products, each at the fastest kernel PyTorch has for it here, timed alone")
+    print("floor: our model's products, each at the fastest kernel PyTorch offers for it here, timed alone")
     for line in floor_lines(kinds, ms['ours'], ms.get('official'), tuple(args.targets)):
         print(line)
     return 0
