@@ -3,7 +3,7 @@
     python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
         [--batch-size 8] [--threads 2] [--train] [--steps 3] [--top 12]
     python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --floor \
-        [--train] [--rounds 3] [--min-time 2] [--keep-freed-memory]
+        [--train] [--rounds 3] [--min-time 2] [--targets 1.3 2.0] [--keep-freed-memory]
 
 Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
 operators in four groups: GEMMs (linear / matmul / bmm / addmm / oneDNN linear, with the GFLOP/s they reach from
@@ -44,7 +44,7 @@ CONV = ('aten::mkldnn_convolution', 'aten::convolution', 'aten::_convolution', '
 
 def profile(model, x, steps: int, train: bool, ops: Optional[dict] = None, by_shape: bool = False) -> dict:
     """ms and FLOPs per step of each group; ``ops``, if given, gets each operator's self ms per step (``by_shape``:
-    each operator and input shapes')."""
+    per operator and input shapes)."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
