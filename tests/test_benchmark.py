@@ -193,6 +193,8 @@ def test_floor_command_on_our_model(capsys):
 
 @pytest.mark.parametrize('argv, message', [(['--rounds', '0'], '--rounds must be >= 1'),
                                            (['--targets', '0'], '--targets must be ratios > 0'),
+                                           (['--official', 'no-such-checkout'],
+                                            "--official: no 'no-such-checkout/models/msg_transformer.py'"),
                                            (['--cfg', 'missing.yaml'], "config file not found: 'missing.yaml'")])
 def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
     from tools.profile_ops import main

@@ -290,8 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--rounds', type=int, default=3, help='--floor: unprofiled timings of each model, alternating')
     parser.add_argument('--min-time', type=float, default=2.0, help='--floor: seconds per unprofiled timing')
     parser.add_argument('--targets', type=float, nargs='+', default=[1.3, 2.0], metavar='X',
-                        help='--floor: ratios over the official to weigh against the floor (issue 15: 1.3 and 2.0 '
-                             'for inference, 1.2 and 2.0 for training)')
+                        help='--floor: speed-ups over the official to weigh against the floor (default 1.3 2.0)')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="--floor: the models' unprofiled timings with main.py's allocator setting, as "
                              "benchmark.py --keep-freed-memory (default: the C library's, as benchmark.py)")
@@ -302,6 +301,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error('--targets must be ratios > 0')
     if not os.path.isfile(args.cfg):
         parser.error(f"config file not found: '{args.cfg}'")
+    if args.official:  # before any work: the official file this config needs
+        from benchmark import official_model_file
+        from config import load_config_file
+        path = official_model_file(load_config_file(args.cfg), args.official)
+        if not os.path.isfile(path):
+            parser.error(f"--official: no '{path}' (clone hustvl/MSG-Transformer or shuaiyang11/MG-SSAF, the "
+                         f"repository of this config's model)")
     if args.floor:
         return main_floor(args)
     import torch
