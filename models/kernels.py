@@ -9,7 +9,10 @@ neither is hard-wired. The ops (the callers pass both candidates):
   residual add) fused, ``torch.ops.mkldnn._linear_pointwise`` (``models.layers``), or ``F.linear`` (+ ``F.gelu``
   / ``+ residual``);
 * ``attention``: ``F.scaled_dot_product_attention`` with the additive bias, or matmul, softmax, matmul.
-* ``grad_input`` / ``grad_weight``: the GEMMs of the oneDNN linears' backward, through oneDNN or ``torch.mm``.
+* ``grad_input`` / ``grad_weight``: the GEMMs of the oneDNN linears' backward, through oneDNN or ``torch.mm``;
+* ``ss_scores`` / ``ss_scores_train``: MG-SSAF's separable-attention scores as the diagonals of one full-window
+  product or as the official per-row and per-column products (``layers.cpu_choice``; ``_train``: timed forward and
+  backward, with autograd).
 
 Policy (``MODEL.CPU_KERNELS``, or the ``MSGSSAF_CPU_KERNELS`` environment variable, which wins):
 
@@ -21,7 +24,7 @@ Policy (``MODEL.CPU_KERNELS``, or the ``MSGSSAF_CPU_KERNELS`` environment variab
 * ``fused`` / ``plain``: always the first / the second candidate (reproducible across machines and runs).
 
 Only eager CPU float32 code asks: CUDA, autocast, ``torch.compile``, export, FX and TorchScript take the plain
-ops before getting here (``layers.onednn_ok``).
+ops before getting here (``layers.onednn_ok``, ``layers.cpu_choice``).
 """
 from __future__ import annotations
 

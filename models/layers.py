@@ -12,7 +12,7 @@ MLP, DropPath, trunc_normal_ and to_2tuple come from ``timm.layers`` and are re-
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from . import kernels
 
 __all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'onednn_ok', 'in_dispatch_mode',
-           'plain_only', 'msg_rows_only_ok', 'use_sdpa', 'linear',
+           'plain_only', 'msg_rows_only_ok', 'use_sdpa', 'cpu_choice', 'linear',
            'gelu_mlp', 'linear_gelu', 'linear_add', 'channels_last_weight_',
            'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
 
@@ -176,6 +176,21 @@ def _use_sdpa_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         return (attn if mask is None else attn + mask).softmax(dim=-1) @ v
     return kernels.use_fused('attention', (q, k) if mask is None else (q, k, mask),
                              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), explicit)
+
+
+@torch.jit.unused
+def cpu_choice(op: str, tensors: tuple[torch.Tensor, ...], fast: Callable[[], object],
+               plain: Callable[[], object]) -> bool:
+    """Whether an op with two exact formulations should run ``fast`` instead of ``plain`` (the official one): in CPU
+    float32 eager code, whichever is faster here for this shape (``kernels.use_fused``, measured once); everywhere
+    else ``plain``: under autocast, ``torch.compile``, export, FX, ``torch.jit.trace`` and dispatch modes (the FLOP
+    counter counts the official products), on other devices and dtypes. Eager only (callers check
+    ``torch.jit.is_scripting()`` first)."""
+    t = tensors[0]
+    if (plain_only() or torch.compiler.is_exporting() or torch.compiler.is_compiling() or t.device.type != 'cpu'
+            or t.dtype != torch.float32 or torch.is_autocast_enabled('cpu')):
+        return False
+    return kernels.use_fused(op, tensors, fast, plain)
 
 
 def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -49,7 +49,7 @@ MS-SSAF-B.py (r = 0.75); MS-SSAF-T/S.py compute ``local = nH * r`` instead, whic
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import channels_last_weight_, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok, plain_only, use_sdpa
+from .layers import (channels_last_weight_, cpu_choice, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok,
+                     plain_only, use_sdpa)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -280,17 +281,65 @@ class MultiGranularityAttention(nn.Module):
         qk = qk.view(B, H // ws, ws, W // ws, ws, 2, nH, d)  # B, H/ws, ws, W/ws, ws, 2, nH, d
         qk = qk.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(2, -1, nH, ws, ws, d)  # 2, B*nW, nH, ws(i), ws(j), d
         q, k = qk.unbind(0)
-        # Softmax dims are put outside a contiguous block (fast softmax over a short dim); maps key-major.
-        row = (q @ k.transpose(-2, -1)).mul_(self.scale)  # B*nW, nH, i, j, j'
-        row = row.permute(0, 4, 1, 2, 3).contiguous().softmax(dim=1)  # B*nW, j', nH, i, j
-        col = (q.transpose(-3, -2) @ k.permute(0, 1, 3, 4, 2)).mul_(self.scale)  # B*nW, nH, j, i, i'
-        col = col.permute(0, 4, 2, 1, 3).contiguous().softmax(dim=1)  # B*nW, i', j, nH, i
+        if not torch.jit.is_scripting() and self._full_window_scores_faster(q, k):
+            row, col = self._ss_scores_full(q, k)
+        else:
+            row, col = self._ss_scores(q, k)
+        row, col = row.softmax(dim=1), col.softmax(dim=1)  # B*nW, j', nH, i, j / B*nW, i', j, nH, i
         # Two hops: (i, j) -> (i, j') along its row, then (i, j') -> (i', j') along that column.
         attn = row.unsqueeze(1) * col.unsqueeze(-1)  # B*nW, i', j', nH, i, j
         attn = attn.view(-1, ws, ws, nH, ws * ws)  # B*nW, ws(i'), ws(j'), nH, N
         out = self.local_fusion(attn, k.reshape(-1, nH, ws * ws, d))  # B*nW, nH, N, d
         out = out.view(B, H // ws, W // ws, nH, ws, ws, d)  # B, H/ws, W/ws, nH, ws, ws, d
         return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, nH * d)  # B, H, W, nH*d
+
+    def _ss_scores(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The scaled SS scores of every query along its row and its column, as the official code computes them:
+        ws x ws products per window row and per window column. Softmax dims are put outside a contiguous block
+        (fast softmax over a short dim); maps key-major.
+
+        Args:
+            q, k: (B*nW, nH, ws(i), ws(j), d)
+        Returns:
+            row: (B*nW, ws(j'), nH, ws(i), ws(j)) with row[:, j', h, i, j] the score of query (i, j), key (i, j');
+            col: (B*nW, ws(i'), ws(j), nH, ws(i)) with col[:, i', j, h, i] that of query (i, j), key (i', j).
+        """
+        row = (q @ k.transpose(-2, -1)).mul_(self.scale)  # B*nW, nH, i, j, j'
+        col = (q.transpose(-3, -2) @ k.permute(0, 1, 3, 4, 2)).mul_(self.scale)  # B*nW, nH, j, i, i'
+        return row.permute(0, 4, 1, 2, 3).contiguous(), col.permute(0, 4, 2, 1, 3).contiguous()
+
+    def _ss_scores_full(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_ss_scores`` from one product of all ws*ws queries with all ws*ws keys of each window, whose diagonals
+        they are: row[(i, j), j'] = S[(i, j), (i, j')], col[(i, j), i'] = S[(i, j), (i', j)]. 3.5x the FLOPs,
+        but one N x N GEMM per head runs faster on a CPU than 2 ws ws x ws GEMMs (0.97-1.6x as fast forward,
+        1.3-2.3x forward and backward, at the T/S/B shapes on an AMD EPYC); ``_full_window_scores_faster``
+        decides per shape. Same dot products, so the same values up to float rounding."""
+        Bw, nH, ws, _, d = q.shape
+        N = ws * ws
+        s = q.reshape(Bw, nH, N, d) @ k.reshape(Bw, nH, N, d).transpose(-2, -1)  # B*nW, nH, N, N
+        s = s.view(Bw, nH, ws, ws, ws, ws)  # B*nW, nH, i, j, i', j'
+        row = s.diagonal(dim1=2, dim2=4).permute(0, 3, 1, 4, 2)  # B*nW, j', nH, i, j (i = i')
+        col = s.diagonal(dim1=3, dim2=5).permute(0, 3, 4, 1, 2)  # B*nW, i', j, nH, i (j = j')
+        return (row * self.scale).contiguous(), (col * self.scale).contiguous()
+
+    @torch.jit.unused
+    def _full_window_scores_faster(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether ``_ss_scores_full`` is the faster on this CPU for these shapes (``layers.cpu_choice``: CPU
+        float32 eager only; elsewhere, and under the FLOP counter, the official products). With autograd, timed
+        forward and backward (the full product gains most in the backward), on detached copies of q and k."""
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return cpu_choice('ss_scores', (q, k), lambda: self._ss_scores_full(q, k), lambda: self._ss_scores(q, k))
+        q1, k1 = q.detach().requires_grad_(), k.detach().requires_grad_()
+
+        def forward_backward(scores: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]):
+            def run() -> None:
+                with torch.enable_grad():
+                    row, col = scores(q1, k1)
+                    torch.autograd.backward((row, col), (row.detach(), col.detach()))
+                q1.grad = k1.grad = None
+            return run
+        return cpu_choice('ss_scores_train', (q, k), forward_backward(self._ss_scores_full),
+                          forward_backward(self._ss_scores))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, ..., nH_g*d) with nH_g = group_heads. Returns: (B, nH_g, L, d), L = prod(...)."""

@@ -315,6 +315,29 @@ def test_depthwise_conv_fast_backward_matches_native(dtype, kernel_size) -> None
         assert _rel(fast, native) < tol
 
 
+@pytest.mark.parametrize('window_size', [7, 3])
+def test_full_window_scores_match_the_row_and_column_products(window_size) -> None:
+    """SS-MSA's scores from one full-window product (its diagonals) equal the official per-row and per-column
+    products, values and gradients of q and k, in the same layout."""
+    from models.mg_ssaf import MultiGranularityAttention
+    torch.manual_seed(0)
+    attn = MultiGranularityAttention(64, num_heads=2, num_global_heads=0, window_size=window_size, strip_width=1)
+    q, k = torch.randn(2, 5, 2, window_size, window_size, 32).unbind(0)  # B*nW, nH, i, j, d (views, as in _local)
+    results = []
+    for scores in (attn._ss_scores, attn._ss_scores_full):
+        qi, ki = q.clone().requires_grad_(), k.clone().requires_grad_()
+        row, col = scores(qi, ki)
+        assert row.is_contiguous() and col.is_contiguous()
+        (row.softmax(1).square().sum() + col.softmax(1).pow(3).sum()).backward()
+        results.append((row, col, qi.grad, ki.grad))
+    for full, split in zip(results[1], results[0]):
+        assert full.shape == split.shape and _rel(full, split) < 1e-6
+    # The row score of query (i, j) and key (i, j') is q[i, j] . k[i, j'] * scale (layout B*nW, j', nH, i, j).
+    i, j, j2 = 1, 2, 0
+    expected = (q[3, 1, i, j] @ k[3, 1, i, j2]) * attn.scale
+    assert torch.allclose(results[1][0][3, j2, 1, i, j], expected, rtol=1e-5)
+
+
 def test_grad_checkpointing_same_gradients(monkeypatch) -> None:
     torch.manual_seed(0)
     ref = MGSSAF(**TINY, drop_path_rate=0.).train()
