@@ -178,6 +178,31 @@ def test_floor_replays_each_product_at_its_fastest_kernel():
     assert lines[-1] == '  1.2x the official leaves 48.3 ms above the floor (ours is 40.0 ms above it)'
 
 
+def test_gemms_in_context_counts_each_python_gemm_call_and_restores_the_ops():
+    import torch
+    import torch.nn.functional as F
+
+    from tools.profile_ops import gemms_in_context
+
+    class Net(torch.nn.Module):                              # F.linear, torch.mm, Tensor.mm and oneDNN's linear
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 16)
+            self.w = torch.nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, x):
+            h = torch.mm(self.fc(x), self.w).mm(torch.ones(4, 4))
+            if torch.backends.mkldnn.is_available():
+                h = h + torch.ops.mkldnn._linear_pointwise(h.detach(), torch.ones(4, 4), None, 'none', [], '')
+            return h
+    ops = (torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm)
+    in_model, alone, calls = gemms_in_context(Net(), torch.randn(6, 8), train=True, steps=2)
+    assert calls == (4 if torch.backends.mkldnn.is_available() else 3)  # forward only: autograd's own mm uncounted
+    assert in_model > 0 and alone > 0
+    assert (torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm) == ops
+    assert gemms_in_context(Net(), torch.randn(6, 8), train=False, steps=1)[2] == calls
+
+
 def test_floor_command_on_our_model(capsys):
     from tools.profile_ops import main
     rc = main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', '--batch-size', '2',
@@ -189,6 +214,8 @@ def test_floor_command_on_our_model(capsys):
     assert re.search(r'attention products +[\d.]+ ms', out) and re.search(r'convolutions +[\d.]+ ms', out)
     assert re.search(r'floor +[\d.]+ ms; ours [\d.]+ ms', out) and 'official' not in out.split('floor:')[1]
     assert re.search(r'unprofiled ms a step, by round: ours \d+ \(median \d+\)', out)
+    assert re.search(r'our linear GEMMs called from Python \(\d+ a step\), timed unprofiled inside the model: '
+                     r'[\d.]+ ms a step; the same calls alone: [\d.]+ ms', out)
 
 
 @pytest.mark.parametrize('argv, message', [(['--rounds', '0'], '--rounds must be >= 1'),

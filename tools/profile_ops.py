@@ -21,6 +21,9 @@ the most an implementation computing our products with these kernels could gain 
 softmax, GELU, copies, memory traffic between ops) took no time; for each target ratio the lines say how many ms
 that leaves above the floor. Alone, an op's inputs and output stay in cache and its buffers are reused: the floor
 is optimistic, the bound generous (but each figure is a median of ``FLOOR_REPEATS`` runs on a noisy machine).
+It then times our linear GEMMs where they run, unprofiled (each call wrapped in a clock), beside the same calls
+alone (``gemms_in_context``): if the two agree, our GEMMs run at their floor speed inside the model, and what ours
+spends above the floor is the work that is not a product (norms, softmax, GELU, copies, autograd).
 """
 from __future__ import annotations
 
@@ -254,6 +257,84 @@ def replay_floor(calls: Dict[Call, int]) -> Dict[str, List[float]]:
     return kinds
 
 
+def _arg_spec(a: Any) -> Any:
+    """A call argument as a dict key: a tensor by shape, strides and dtype (to be rebuilt with random values)."""
+    import torch
+    if isinstance(a, torch.Tensor):
+        return ('tensor', tuple(a.shape), a.stride(), a.dtype)
+    return _frozen(a)
+
+
+def _rebuild(spec: Any) -> Any:
+    import torch
+    if isinstance(spec, tuple) and spec[:1] == ('tensor',):
+        return torch.empty_strided(spec[1], spec[2], dtype=spec[3]).normal_()
+    return list(spec) if isinstance(spec, tuple) else spec
+
+
+def gemms_in_context(model, x, train: bool, steps: int = 3) -> Tuple[float, float, int]:
+    """Our linear GEMMs timed where they run, unprofiled, beside the same calls alone.
+
+    Every call of the GEMM entry points the models use from Python (oneDNN's linear, both overloads; ``F.linear``;
+    ``torch.mm`` and ``Tensor.mm``, which the custom backwards call) is wrapped in a clock for ``steps`` passes
+    (forward, cross-entropy and backward in train mode; eval inference otherwise), after two warm-ups; then each
+    distinct call (shapes, strides, arguments) runs alone on random inputs (``_median_ms``). The GEMMs of plain
+    ``nn.Linear`` backwards run inside autograd and are not counted. Returns (ms a step in the model, ms alone,
+    calls a step)."""
+    import torch
+    import torch.nn.functional as F
+    calls: Dict[tuple, List[float]] = {}
+    recording = [False]
+    fns: Dict[str, Callable] = {'linear_pointwise': torch.ops.mkldnn._linear_pointwise.default,
+                                'linear_pointwise_binary': torch.ops.mkldnn._linear_pointwise.binary,
+                                'F.linear': F.linear, 'mm': torch.mm}
+
+    def clocked(name: str) -> Callable:
+        fn = fns[name]
+
+        def call(*args, **kwargs):
+            if not recording[0]:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            key = (name, tuple(_arg_spec(a) for a in args), tuple((k, _arg_spec(v)) for k, v in kwargs.items()))
+            calls.setdefault(key, []).append(time.perf_counter() - t0)
+            return out
+        return call
+
+    class _Pointwise:  # stands in for the op packet torch.ops.mkldnn._linear_pointwise
+        __call__ = staticmethod(clocked('linear_pointwise'))
+        binary = staticmethod(clocked('linear_pointwise_binary'))
+        default = __call__
+
+    packet, tensor_mm = torch.ops.mkldnn._linear_pointwise, torch.Tensor.mm
+    mm = clocked('mm')
+    torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm = _Pointwise(), clocked('F.linear'), mm, mm
+    try:
+        model.train(train)
+        target = torch.zeros(x.shape[0], dtype=torch.long)
+        for i in range(2 + steps):
+            recording[0] = i >= 2
+            if train:
+                F.cross_entropy(model(x), target).backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode():
+                    model(x)
+    finally:
+        recording[0] = False
+        torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm = packet, fns['F.linear'], fns['mm'], \
+            tensor_mm
+    in_model = alone = 0.0
+    with torch.no_grad():
+        for (name, args, kwargs), times in calls.items():
+            n = len(times) / steps  # calls a step with this signature
+            in_model += n * 1e3 * statistics.median(times)
+            real_args, real_kwargs = [_rebuild(a) for a in args], {k: _rebuild(v) for k, v in kwargs}
+            alone += n * _median_ms(lambda: fns[name](*real_args, **real_kwargs))
+    return in_model, alone, round(sum(len(t) for t in calls.values()) / steps)
+
+
 def floor_lines(kinds: Dict[str, List[float]], ours_ms: float, official_ms: Optional[float],
                 targets: Tuple[float, ...] = (1.3, 2.0)) -> List[str]:
     """The floor by kind and what it bounds: how much faster than the official an implementation doing our products
@@ -374,7 +455,9 @@ def main_floor(args: argparse.Namespace) -> int:
     machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
     torch.manual_seed(0)
     x = torch.randn(b, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
-    kinds = replay_floor(record_products(build_model(cfg), x, args.train))
+    model = build_model(cfg)
+    kinds = replay_floor(record_products(model, x, args.train))
+    in_model, alone, n_calls = gemms_in_context(model, x, args.train)
     step = ('training step (forward, loss, backward and optimiser step; the floor: forward and backward)'
             if args.train else 'inference')
     print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
@@ -384,6 +467,8 @@ def main_floor(args: argparse.Namespace) -> int:
     print("floor: our model's products, each at the fastest kernel PyTorch offers for it here, timed alone")
     for line in floor_lines(kinds, ms['ours'], ms.get('official'), tuple(args.targets)):
         print(line)
+    print(f'our linear GEMMs called from Python ({n_calls} a step), timed unprofiled inside the model: {in_model:.1f} '
+          f'ms a step; the same calls alone: {alone:.1f} ms')
     return 0
 
 
