@@ -82,6 +82,11 @@ GLOBAL_POOLS = ('avg', '')  # 'avg': mean over the final map; '': keep the map (
 _IntPair = Union[int, tuple[int, int]]
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """The identity, as a saved-tensor pack / unpack hook."""
+    return t
+
+
 class ConvNHWC(nn.Conv2d):
     """``nn.Conv2d`` on NHWC tensors, through a channels-last NCHW view (no layout copies); same parameters and
     state_dict entries as the ``nn.Conv2d``.
@@ -333,7 +338,9 @@ class MultiGranularityAttention(nn.Module):
 
         def forward_backward(scores: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]):
             def run() -> None:
-                with torch.enable_grad():
+                # Its own graph, saved as is: not through the hooks of an enclosing region (activation
+                # checkpointing counts the tensors a forward saves, and would see these only the first time).
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
                     row, col = scores(q1, k1)
                     torch.autograd.backward((row, col), (row.detach(), col.detach()))
                 q1.grad = k1.grad = None

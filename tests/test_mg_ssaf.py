@@ -338,6 +338,25 @@ def test_full_window_scores_match_the_row_and_column_products(window_size) -> No
     assert torch.allclose(results[1][0][3, j2, 1, i, j], expected, rtol=1e-5)
 
 
+def test_kernel_choice_timed_inside_a_checkpointed_block(monkeypatch) -> None:
+    """The first training pass measures the SS scores forward and backward (``ss_scores_train``); inside an
+    activation-checkpointed block that measurement must not count as tensors the block saved (the recomputation,
+    which finds the choice made, would save fewer: CheckpointError)."""
+    from models import kernels
+    monkeypatch.setenv(kernels.ENV_VAR, 'auto')
+    kernels.reset()
+    torch.manual_seed(0)
+    ckpt = MGSSAF(**TINY, drop_path_rate=0., use_checkpoint=True).train()
+    ref = MGSSAF(**TINY, drop_path_rate=0.).train()
+    ref.load_state_dict(ckpt.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    ckpt(x).square().mean().backward()                     # measures here, inside the checkpointed blocks
+    assert any(key[0] == 'ss_scores_train' for key in kernels.decisions())
+    ref(x).square().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_grad_checkpointing_same_gradients(monkeypatch) -> None:
     torch.manual_seed(0)
     ref = MGSSAF(**TINY, drop_path_rate=0.).train()
