@@ -266,9 +266,12 @@ def _arg_spec(a: Any) -> Any:
 
 
 def _rebuild(spec: Any) -> Any:
+    """The argument of ``_arg_spec``: a tensor with those strides over random values (expanded ones too)."""
     import torch
     if isinstance(spec, tuple) and spec[:1] == ('tensor',):
-        return torch.empty_strided(spec[1], spec[2], dtype=spec[3]).normal_()
+        _, shape, stride, dtype = spec
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+        return torch.randn(size, dtype=dtype).as_strided(shape, stride)
     return list(spec) if isinstance(spec, tuple) else spec
 
 
@@ -285,9 +288,11 @@ def gemms_in_context(model, x, train: bool, steps: int = 3) -> Tuple[float, floa
     import torch.nn.functional as F
     calls: Dict[tuple, List[float]] = {}
     recording = [False]
-    fns: Dict[str, Callable] = {'linear_pointwise': torch.ops.mkldnn._linear_pointwise.default,
-                                'linear_pointwise_binary': torch.ops.mkldnn._linear_pointwise.binary,
-                                'F.linear': F.linear, 'mm': torch.mm}
+    from models.layers import _DNNL_LINEAR  # oneDNN's linear exists in this build
+    fns: Dict[str, Callable] = {'F.linear': F.linear, 'mm': torch.mm}
+    if _DNNL_LINEAR:
+        fns.update(linear_pointwise=torch.ops.mkldnn._linear_pointwise.default,
+                   linear_pointwise_binary=torch.ops.mkldnn._linear_pointwise.binary)
 
     def clocked(name: str) -> Callable:
         fn = fns[name]
@@ -303,13 +308,15 @@ def gemms_in_context(model, x, train: bool, steps: int = 3) -> Tuple[float, floa
         return call
 
     class _Pointwise:  # stands in for the op packet torch.ops.mkldnn._linear_pointwise
-        __call__ = staticmethod(clocked('linear_pointwise'))
-        binary = staticmethod(clocked('linear_pointwise_binary'))
+        __call__ = staticmethod(clocked('linear_pointwise')) if _DNNL_LINEAR else None
+        binary = staticmethod(clocked('linear_pointwise_binary')) if _DNNL_LINEAR else None
         default = __call__
 
-    packet, tensor_mm = torch.ops.mkldnn._linear_pointwise, torch.Tensor.mm
-    mm = clocked('mm')
-    torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm = _Pointwise(), clocked('F.linear'), mm, mm
+    packet = torch.ops.mkldnn._linear_pointwise if _DNNL_LINEAR else None
+    tensor_mm, mm = torch.Tensor.mm, clocked('mm')
+    F.linear, torch.mm, torch.Tensor.mm = clocked('F.linear'), mm, mm
+    if _DNNL_LINEAR:
+        torch.ops.mkldnn._linear_pointwise = _Pointwise()
     try:
         model.train(train)
         target = torch.zeros(x.shape[0], dtype=torch.long)
@@ -323,8 +330,9 @@ def gemms_in_context(model, x, train: bool, steps: int = 3) -> Tuple[float, floa
                     model(x)
     finally:
         recording[0] = False
-        torch.ops.mkldnn._linear_pointwise, F.linear, torch.mm, torch.Tensor.mm = packet, fns['F.linear'], fns['mm'], \
-            tensor_mm
+        F.linear, torch.mm, torch.Tensor.mm = fns['F.linear'], fns['mm'], tensor_mm
+        if _DNNL_LINEAR:
+            torch.ops.mkldnn._linear_pointwise = packet
     in_model = alone = 0.0
     with torch.no_grad():
         for (name, args, kwargs), times in calls.items():
