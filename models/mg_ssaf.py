@@ -334,16 +334,15 @@ class MultiGranularityAttention(nn.Module):
         forward and backward (the full product gains most in the backward), on detached copies of q and k."""
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             return cpu_choice('ss_scores', (q, k), lambda: self._ss_scores_full(q, k), lambda: self._ss_scores(q, k))
-        q1, k1 = q.detach().requires_grad_(), k.detach().requires_grad_()
 
         def forward_backward(scores: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]):
-            def run() -> None:
+            def run() -> None:  # runs only while the choice is measured (once per shape): nothing on the hot path
+                q1, k1 = q.detach().requires_grad_(), k.detach().requires_grad_()
                 # Its own graph, saved as is: not through the hooks of an enclosing region (activation
                 # checkpointing counts the tensors a forward saves, and would see these only the first time).
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
                     row, col = scores(q1, k1)
                     torch.autograd.backward((row, col), (row.detach(), col.detach()))
-                q1.grad = k1.grad = None
             return run
         return cpu_choice('ss_scores_train', (q, k), forward_backward(self._ss_scores_full),
                           forward_backward(self._ss_scores))
