@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -229,3 +230,90 @@ def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
         main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.splitlines()[-1]
+
+
+
+def test_stage_profile_divides_a_step_at_the_stage_inputs():
+    import torch
+
+    from tools.profile_ops import stage_flops, stage_lines, stage_parts, time_stages
+
+    class Sleep(torch.autograd.Function):               # identity, sleeping in the forward and in the backward
+        @staticmethod
+        def forward(ctx, x, fwd_s, bwd_s):
+            ctx.bwd_s = bwd_s
+            time.sleep(fwd_s)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            time.sleep(ctx.bwd_s)
+            return grad, None, None
+
+    class Sleepy(torch.nn.Linear):
+        def forward(self, x):
+            return Sleep.apply(super().forward(x), 0.05, 0.08)
+
+    class StagedNet(torch.nn.Module):
+        """patch_embed and layers as both implementations name them: a 4x4 patch conv, two linear stages (the
+        second sleeping 50 ms forward, 80 ms backward), and a merge between them called by the model, as ours
+        calls its patch merging."""
+
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16), Sleepy(16, 16)])
+            self.merge = torch.nn.Linear(16, 16)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)            # B, 16 tokens, 8
+            x = self.merge(self.layers[0](x))
+            x = self.layers[1](x)
+            return self.head(x.mean(1))
+    torch.manual_seed(0)
+    model, x, target = StagedNet(), torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    fwd, bwd = time_stages(model, x, target, None, steps=1)                      # inference
+    assert len(fwd) == len(stage_parts(2, False)) == 4 and bwd == [0.0] * 4
+    assert fwd[2] >= 50 and max(fwd[0], fwd[1], fwd[3]) < 25                     # the sleep is stage 2's
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fwd, bwd = time_stages(model, x, target, opt, steps=2)                       # training
+    parts = stage_parts(2, True)
+    assert parts == ['patch embed', 'stage 1', 'stage 2', 'head and loss', 'optimiser']
+    assert len(fwd) == len(bwd) == 5 and bwd[-1] == 0.0 and fwd[-1] > 0        # optimiser: its own, forward column
+    assert fwd[2] >= 50 and bwd[2] >= 80 and max(bwd[0], bwd[1], bwd[3]) < 25
+    assert not model.layers[0]._forward_pre_hooks and not model.layers[1]._forward_hooks   # hooks removed
+    # FLOPs: stage 1 runs to stage 2's input, so it holds the merge linear; training counts 3x
+    B, T = 2, 16
+    expect = [2 * B * T * 8 * 48, 2 * B * T * (8 * 16 + 16 * 16), 2 * B * T * 16 * 16, 2 * B * 16 * 10]
+    assert stage_flops(model, x, train=False) == expect
+    assert stage_flops(model, x, train=True) == [3 * f for f in expect] + [0.0]
+    rows = {'ours': {'forward': [1.0, 2.0, 3.0, 1.0], 'backward': [0.0] * 4, 'flops': [1e9, 2e9, 4e9, 0.0]},
+            'official': {'forward': [1.0, 4.0, 3.0, 1.0], 'backward': [0.0] * 4, 'flops': [1e9, 2e9, 4e9, 0.0]}}
+    lines = stage_lines(rows, stage_parts(2, False), peak_gflops=1000.0, targets=(2.0,))     # inference
+    assert lines[0].split() == ['part', 'GFLOP', 'at', 'peak', 'ours', 'ms', '%', 'peak', 'official', 'ms', '%', 'peak',
+                                'ours/off', '2.0x:', '<=']
+    # stage 1: 2 GFLOP, 2 ms at 1000 GFLOP/s; ours 2 ms (100% of the peak), the official 4 ms: 2.00x, 2.0x allows 2 ms
+    assert lines[2].split() == ['stage', '1', '2.0', '2.0', '2.0', '100%', '4.0', '50%', '2.00x', '2.0']
+    assert lines[-1].split()[:3] == ['total', '7.0', '7.0'] and lines[-1].split()[-2:] == ['1.29x', '4.5']
+    assert stage_lines({'ours': rows['ours']}, stage_parts(2, False), 1000.0)[2].split() == [
+        'stage', '1', '2.0', '2.0', '2.0', '100%']
+    for r in rows.values():                                                   # a training step: backward columns
+        r['backward'] = [2 * v for v in r['forward']]
+    lines = stage_lines(rows, stage_parts(2, False), peak_gflops=1000.0, targets=(2.0,))
+    assert lines[0].split()[4:10] == ['ours', 'fwd', 'bwd', '%', 'peak', 'official']
+    assert lines[2].split() == ['stage', '1', '2.0', '2.0', '2.0', '4.0', '33%', '4.0', '8.0', '17%', '2.00x', '6.0']
+    assert all(len(line) == len(lines[0]) for line in lines)                   # aligned columns
+
+
+def test_stages_command_on_our_model(capsys):
+    from tools.profile_ops import main
+    rc = main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--stages', '--train', '--batch-size', '2',
+               '--threads', '1', '--rounds', '1', '--steps', '1'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r'1 threads; msg_demo, batch 2, training step; ms a step, unprofiled: medians of 1 steps in '
+                     r'each of 1 fresh processes a model', out)
+    for part in ('patch embed', 'stage 1', 'stage 4', 'head and loss', 'optimiser', 'total'):
+        assert re.search(rf'^{part} +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+', out, re.M), part
+    assert 'official' not in out.split('\n', 1)[1]

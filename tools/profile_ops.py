@@ -4,6 +4,8 @@
         [--batch-size 8] [--threads 2] [--train] [--steps 3] [--top 12]
     python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --floor \
         [--train] [--rounds 3] [--min-time 2] [--targets 1.3 2.0] [--keep-freed-memory]
+    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --stages \
+        [--train] [--rounds 3] [--steps 3] [--targets 1.2]
 
 Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
 operators in four groups: GEMMs (linear / matmul / bmm / addmm / oneDNN linear, with the GFLOP/s they reach from
@@ -24,6 +26,14 @@ is optimistic, the bound generous (but each figure is a median of ``FLOOR_REPEAT
 It then times our linear GEMMs where they run, unprofiled (each call wrapped in a clock), beside the same calls
 alone (``gemms_in_context``): if the two agree, our GEMMs run at their floor speed inside the model, and what ours
 spends above the floor is the work that is not a product (norms, softmax, GELU, copies, autograd).
+
+``--stages`` is the stage profile: each model's step divided at the stages' inputs (patch embedding, stage 1-4
+with the patch merging after it, head and loss, optimiser; forward and backward), timed unprofiled in fresh
+processes (``time_stages``), beside the FLOPs of each part and what they take at this CPU's matmul peak. Beside
+the official it gives ours / official per part and, per ``--targets`` ratio, the ms each part may take for that
+ratio (the official's time over the ratio): a part whose FLOPs take longer than that at the peak reaches the ratio
+only if its products run faster than the 2048^3 matmul (a yardstick, not a ceiling: oneDNN's GEMMs can beat MKL's
+on some CPUs) and everything else in it takes no time.
 """
 from __future__ import annotations
 
@@ -362,6 +372,213 @@ def floor_lines(kinds: Dict[str, List[float]], ours_ms: float, official_ms: Opti
     return lines
 
 
+# --- the stage profile: each stage's time where it runs, unprofiled, beside its FLOPs at the matmul peak ---------
+def stage_modules(model) -> List[Any]:
+    """The model's stages (``model.layers``, in ours and in the official code alike; ``ValueError`` without)."""
+    stages = getattr(model, 'layers', None)
+    if stages is None or not hasattr(model, 'patch_embed'):
+        raise ValueError(f'{type(model).__name__} has no patch_embed and layers to profile by stage')
+    return list(stages)
+
+
+def stage_flops(model, x, train: bool) -> List[float]:
+    """FLOPs of one step by part, as ``measure_stages`` divides a step (patch embedding; each stage from its input
+    to the next stage's input; the rest): the FLOP counter's running total read at the stages' inputs in one
+    forward pass. Under the counter our models run the official products. A training step counts each part's
+    products 3 times (forward; the input and the weight gradient), the patch embedding's first one too although
+    the image needs no gradient (under 1% of any model's total): the counter's own backward counts are not used,
+    as it counts a grouped convolution's backward as a dense one."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    stages = stage_modules(model)
+    marks: List[float] = []
+    with FlopCounterMode(display=False) as counter:
+        def total() -> float:
+            return float(sum(counter.flop_counts['Global'].values()))
+        handles = [s.register_forward_pre_hook(lambda m, a: marks.append(total())) for s in stages]
+        handles.append(stages[-1].register_forward_hook(lambda m, a, o: marks.append(total())))
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        end = total()
+    bounds = [0.0, *marks, end]
+    per_part = [(3.0 if train else 1.0) * (bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)]
+    return per_part + ([0.0] if train else [])  # the optimiser: no products
+
+
+def stage_parts(n_stages: int, train: bool) -> List[str]:
+    return ['patch embed', *(f'stage {i + 1}' for i in range(n_stages)), 'head and loss' if train else 'head'] + (
+        ['optimiser'] if train else [])
+
+
+def time_stages(model, x, target, opt, steps: int) -> Tuple[List[float], List[float]]:
+    """(forward ms, backward ms) of each part of a step (``stage_parts`` order), medians of ``steps`` unprofiled steps
+    after two warm-ups; a training step if ``opt`` is given (cross-entropy against ``target``), else inference.
+
+    A stage runs from its input to the next stage's input (so the patch merging after it counts to it wherever the
+    implementation calls it); its backward from the gradient of that next input to the gradient of its own input
+    (tensor hooks: when autograd has computed each). The patch embedding is what comes before stage 1, the head
+    (norm, pooling, classifier, loss) what comes after the last stage; the optimiser step is timed on its own
+    (forward column; its backward is 0).
+    """
+    import torch
+    import torch.nn.functional as F
+    stages = stage_modules(model)
+    n, train = len(stages), opt is not None
+    clock: Dict[Any, float] = {}
+
+    def mark(key: Any) -> None:
+        clock[key] = time.perf_counter()
+
+    def at_input(i: int) -> Callable:
+        def hook(module, inputs) -> None:
+            mark(('in', i))
+            if train and inputs[0].requires_grad:
+                inputs[0].register_hook(lambda g: mark(('grad in', i)))
+        return hook
+
+    def at_output(module, inputs, output) -> None:
+        mark('out')
+        if train and output.requires_grad:
+            output.register_hook(lambda g: mark('grad out'))
+
+    def step() -> List[float]:
+        clock.clear()
+        mark('start')
+        if train:
+            loss = F.cross_entropy(model(x), target)
+            mark('loss')
+            loss.backward()
+            mark('backward')
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mark('end')
+        else:
+            with torch.inference_mode():
+                model(x)
+            mark('loss')
+        c = clock
+        ins = [c[('in', i)] for i in range(n)] + [c['out']]
+        fwd = [ins[0] - c['start'], *(ins[i + 1] - ins[i] for i in range(n)), c['loss'] - c['out']]
+        if not train:
+            return fwd
+        grads = [c[('grad in', i)] for i in range(n)] + [c['grad out']]
+        bwd = [c['backward'] - grads[0], *(grads[i] - grads[i + 1] for i in range(n)), grads[n] - c['loss']]
+        return [*fwd, c['end'] - c['backward'], *bwd, 0.0]
+    handles = [s.register_forward_pre_hook(at_input(i)) for i, s in enumerate(stages)]
+    handles.append(stages[-1].register_forward_hook(at_output))
+    model.train(train)
+    try:
+        for _ in range(2):  # warm-up: first-call allocations, the per-shape kernel choices
+            step()
+        runs = [step() for _ in range(steps)]
+    finally:
+        for h in handles:
+            h.remove()
+    ms = [1e3 * statistics.median(r[j] for r in runs) for j in range(len(runs[0]))]
+    k = n + 3 if train else n + 2
+    return ms[:k], (ms[k:] if train else [0.0] * k)
+
+
+def measure_stages(spec: dict, args: dict) -> dict:
+    """Runs in a fresh process (``benchmark.run_isolated``): ``time_stages`` and ``stage_flops`` of one model,
+    trained with the optimiser ``benchmark.py`` gives it."""
+    import torch
+    from benchmark import _build
+    torch.set_num_threads(args['threads'])
+    torch.manual_seed(0)
+    model, size, name, cfg = _build(spec, None)
+    b = args['batch_size']
+    x, target = torch.randn(b, 3, size, size), torch.randint(0, 10, (b,))
+    opt = None
+    if args['train'] and cfg is not None:  # ours: this codebase's optimiser, as main.py and benchmark.py train
+        from optimizer import build_optimizer
+        opt = build_optimizer(cfg, model, 1e-4)
+    elif args['train']:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward, backward = time_stages(model, x, target, opt, args['steps'])
+    return {'model': name, 'forward': forward, 'backward': backward, 'flops': stage_flops(model, x, args['train'])}
+
+
+def stage_lines(rows: Dict[str, dict], parts: List[str], peak_gflops: float,
+                targets: Tuple[float, ...] = ()) -> List[str]:
+    """The stage profile: per part, its GFLOP and what they take at the matmul peak, each model's ms (forward and
+    backward for a training step) and its share of the peak, and (beside the official) ours / official and, per
+    target, the ms the official's time of that part over the target allows."""
+    ours, off = rows['ours'], rows.get('official')
+    train = any(any(r['backward']) for r in rows.values())
+
+    def head_of(who: str) -> str:
+        names = (f'{who} fwd', 'bwd') if train else (f'{who} ms',)
+        return ''.join(f' {n:>{max(len(n), 7)}s}' for n in names) + f" {'% peak':>6s}"
+    head = f"{'part':14s} {'GFLOP':>7s} {'at peak':>8s}" + head_of('ours')
+    if off:
+        head += head_of('official') + f" {'ours/off':>8s}" + ''.join(f" {f'{t:.1f}x: <=':>10s}" for t in targets)
+    lines = [head]
+    widths = {who: ([max(len(who) + 4, 7), 7] if train else [max(len(who) + 3, 7)]) for who in rows}
+
+    def cells(who: str, fb: List[float], flops: float) -> str:
+        ms = sum(fb)
+        pct = f'{100 * flops / 1e6 / ms / peak_gflops:5.0f}%' if flops and ms > 0 else f"{'':6s}"
+        values = fb if train else [ms]
+        return ''.join(f' {v:{w}.1f}' for v, w in zip(values, widths[who])) + f' {pct}'
+
+    totals = {who: [0.0, 0.0] for who in rows}
+    for j, part in enumerate(parts + ['total']):
+        if part == 'total':
+            flops, f = sum(ours['flops']), totals
+        else:
+            flops = ours['flops'][j]
+            f = {who: [r['forward'][j], r['backward'][j]] for who, r in rows.items()}
+            for who in rows:
+                totals[who] = [totals[who][0] + f[who][0], totals[who][1] + f[who][1]]
+        line = f'{part:14s} {flops / 1e9:7.1f} {flops / 1e6 / peak_gflops:8.1f}' + cells('ours', f['ours'], flops)
+        if off:
+            o, u = sum(f['official']), sum(f['ours'])
+            line += cells('official', f['official'], flops) + f" {(f'{o / u:.2f}x' if u > 0 else ''):>8s}"
+            line += ''.join(f' {o / t:10.1f}' for t in targets)
+        lines.append(line)
+    return lines
+
+
+def main_stages(args: argparse.Namespace) -> int:
+    """``--stages``: each model's stage profile, in fresh processes (``--rounds``, alternating; per part the median
+    of the rounds' medians), beside this CPU's matmul peak."""
+    from benchmark import measure_machine, run_isolated
+    specs = {'ours': {'kind': 'cfg', 'name': args.cfg}}
+    if args.official:
+        specs['official'] = {'kind': 'official', 'name': args.cfg, 'root': args.official}
+    bench = {'batch_size': args.batch_size, 'threads': args.threads, 'steps': args.steps, 'train': args.train}
+    results: Dict[str, List[dict]] = {who: [] for who in specs}
+    for _ in range(args.rounds):
+        for who, spec in specs.items():
+            r = run_isolated(spec, bench, fn=measure_stages)
+            if 'error' in r:
+                print(f"{who}: {r['error']}", file=sys.stderr)
+                return 1
+            results[who].append(r)
+    rows = {}
+    for who, rs in results.items():
+        rows[who] = {key: [statistics.median(r[key][j] for r in rs) for j in range(len(rs[0][key]))]
+                     for key in ('forward', 'backward')}
+        rows[who]['flops'] = rs[0]['flops']
+    import torch
+    torch.set_num_threads(args.threads)
+    machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
+    n_stages = len(rows['ours']['flops']) - (3 if args.train else 2)
+    print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
+          f"{results['ours'][0]['model']}, batch {args.batch_size}, {'training step' if args.train else 'inference'}; "
+          f"ms a step, unprofiled: medians of {args.steps} steps in each of {args.rounds} fresh processes a model")
+    for line in stage_lines(rows, stage_parts(n_stages, args.train), machine['matmul_gflops'],
+                            tuple(args.targets) if args.official else ()):
+        print(line)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', required=True)
@@ -376,10 +593,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--floor', action='store_true',
                         help="instead: our model's GEMMs, attention products and convolutions, each at the fastest "
                              "kernel PyTorch offers for it here, timed alone; beside both models' unprofiled times")
-    parser.add_argument('--rounds', type=int, default=3, help='--floor: unprofiled timings of each model, alternating')
+    parser.add_argument('--stages', action='store_true',
+                        help='instead: the time of each stage (forward, backward), unprofiled, beside its FLOPs at '
+                             "this CPU's matmul peak, ours beside the official")
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='--floor, --stages: unprofiled timings of each model, alternating')
     parser.add_argument('--min-time', type=float, default=2.0, help='--floor: seconds per unprofiled timing')
     parser.add_argument('--targets', type=float, nargs='+', default=[1.3, 2.0], metavar='X',
-                        help='--floor: speed-ups over the official to weigh against the floor (default 1.3 2.0)')
+                        help='--floor, --stages: speed-ups over the official to weigh against the floor, or the ms '
+                             "the official's time of each stage allows (default 1.3 2.0)")
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="--floor: the models' unprofiled timings with main.py's allocator setting, as "
                              "benchmark.py --keep-freed-memory (default: the C library's, as benchmark.py)")
@@ -397,8 +619,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(path):
             parser.error(f"--official: no '{path}' (clone hustvl/MSG-Transformer or shuaiyang11/MG-SSAF, the "
                          f"repository of this config's model)")
+    if args.floor and args.stages:
+        parser.error('--floor and --stages are two reports: ask for one')
     if args.floor:
         return main_floor(args)
+    if args.stages:
+        return main_stages(args)
     import torch
     torch.set_num_threads(args.threads)
     from benchmark import _official_model, measure_machine
