@@ -58,8 +58,9 @@ def _official_model(cfg, root: str):
                       embed_dim=m.EMBED_DIM, depths=list(m.DEPTHS), num_heads=list(m.NUM_HEADS), window_size=m.WINDOW_SIZE,
                       mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, qk_scale=m.QK_SCALE, drop_path_rate=0.0, ape=m.APE,
                       patch_norm=m.PATCH_NORM, shuffle_size=list(m.SHUF_SIZE), manip_type=m.MANIP_TYPE)
-    else:
-        factory, kwargs = 'MGSSAF', {}
+    else:  # as ours is measured: no stochastic depth (the official constructor's default is 0.2)
+        factory = 'MGSSAF'
+        kwargs = dict(img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_path_rate=0.0)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"official model file not found: '{path}'")
     spec = importlib.util.spec_from_file_location(f'official_{os.path.basename(path)[:-3].replace("-", "_")}', path)
