@@ -220,6 +220,7 @@ def test_floor_command_on_our_model(capsys):
 
 
 @pytest.mark.parametrize('argv, message', [(['--rounds', '0'], '--rounds must be >= 1'),
+                                           (['--stages'], '--floor and --stages are two reports: ask for one'),
                                            (['--targets', '0'], '--targets must be ratios > 0'),
                                            (['--official', 'no-such-checkout'],
                                             "--official: no 'no-such-checkout/models/msg_transformer.py'"),
