@@ -135,6 +135,16 @@ def measure_onnxruntime(spec: dict, args: dict) -> dict:
 PARTS = ('infer', 'latency', 'train')
 
 
+def train_optimizer(model, cfg):
+    """The optimiser a timed training step uses: ours (``cfg`` given) this codebase's (fused AdamW, decay groups),
+    as main.py trains; the official repositories' and timm's models a plain AdamW."""
+    import torch
+    if cfg is not None:
+        from optimizer import build_optimizer
+        return build_optimizer(cfg, model, 1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
 def measure(spec: dict, args: dict) -> dict:
     """Runs in a child process: build, then time inference, latency and a train step (``args['parts']``, if
     given, names a subset of ``PARTS`` to time; the others are None, and so is the peak memory without 'train')."""
@@ -185,11 +195,7 @@ def measure(spec: dict, args: dict) -> dict:
         return result
 
     model.train()
-    if cfg is not None:  # ours: this codebase's optimiser (fused AdamW, decay groups), as main.py trains
-        from optimizer import build_optimizer
-        opt = build_optimizer(cfg, model, 1e-4)
-    else:  # the official repositories' (and timm's default) AdamW
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = train_optimizer(model, cfg)
     target = torch.randint(0, 10, (b,), device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if device.type == 'cuda':

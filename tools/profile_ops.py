@@ -505,20 +505,14 @@ def measure_stages(spec: dict, args: dict) -> dict:
     """Runs in a fresh process (``benchmark.run_isolated``): ``time_stages`` and ``stage_flops`` of one model,
     trained with the optimiser ``benchmark.py`` gives it."""
     import torch
-    from benchmark import _build
+    from benchmark import _build, measure_machine, train_optimizer
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
     model, size, name, cfg = _build(spec, None)
     b = args['batch_size']
     x, target = torch.randn(b, 3, size, size), torch.randint(0, 10, (b,))
-    opt = None
-    if args['train'] and cfg is not None:  # ours: this codebase's optimiser, as main.py and benchmark.py train
-        from optimizer import build_optimizer
-        opt = build_optimizer(cfg, model, 1e-4)
-    elif args['train']:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = train_optimizer(model, cfg) if args['train'] else None
     forward, backward = time_stages(model, x, target, opt, args['steps'])
-    from benchmark import measure_machine
     matmul = measure_machine({}, {'threads': args['threads'], 'device': 'cpu', 'min_time': 1.0})['matmul_gflops']
     return {'model': name, 'forward': forward, 'backward': backward, 'flops': stage_flops(model, x, args['train']),
             'matmul_gflops': matmul}
