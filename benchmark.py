@@ -6,9 +6,13 @@
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
         [--onnxruntime]                     # and each --cfg model exported to ONNX, in ONNX Runtime
 
-Each model is measured in a fresh process (so peak memory is its own): ``torch.utils.benchmark`` medians after
-warm-up, synchronised on CUDA; ``--rounds N`` repeats the whole list N times round-robin and reports each
-model's median, and each side-by-side ratio's spread over the rounds (this machine is shared and noisy).
+Each model runs in a fresh process of its own (so peak memory is its own). Each of our models is timed together
+with its official one (and its ONNX Runtime session): all are built and warmed up, then they take turns, a chunk of
+about ``CHUNK_S`` seconds of calls each (the order reversed every pass), until each has run ``--min-time`` seconds,
+so that a slow spell of a shared machine slows both sides of a ratio alike. A figure is the median of a model's
+chunks (seconds per call, synchronised on CUDA); a ratio is the median over its chunk pairs. ``--rounds N`` repeats
+all of it N times, each time in fresh processes, and reports each figure's median and each ratio's median and
+spread over the rounds (this machine is shared and noisy).
 ``--keep-freed-memory`` applies main.py's CPU allocator setting (``utils.keep_freed_memory``) to every model.
 Inference runs in eval mode under ``torch.inference_mode``; the training step is forward + cross-entropy +
 backward + AdamW step in train mode (for our models, the optimiser main.py builds: fused AdamW; for the official
@@ -33,6 +37,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -90,21 +95,6 @@ def _build(spec: dict, img_size: Optional[int]):
     return model, size, spec['name'], None
 
 
-def _median_seconds(fn, sync, min_run_time: float) -> float:
-    import torch
-    import torch.utils.benchmark as tb
-    for _ in range(2):  # warm-up (and compilation)
-        fn()
-    sync()
-
-    def step():
-        fn()
-        sync()
-    # num_threads: Timer runs its statement with ONE thread unless told otherwise.
-    timer = tb.Timer(stmt='step()', globals={'step': step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
 def export_for_benchmark(spec: dict, args: dict) -> dict:
     """Runs in a child process: the ``cfg`` model of ``spec`` (random weights, eval) written to ``spec['onnx']``."""
     import torch
@@ -113,23 +103,6 @@ def export_for_benchmark(spec: dict, args: dict) -> dict:
     model, size, name, _ = _build({'kind': 'cfg', 'name': spec['name']}, args['img_size'])
     export_onnx(model.eval(), torch.randn(2, 3, size, size), spec['onnx'])
     return {'model': name, 'img_size': size, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
-
-
-def measure_onnxruntime(spec: dict, args: dict) -> dict:
-    """Runs in a child process: time the exported file in ONNX Runtime (inference and batch-1 latency)."""
-    import torch
-    from deploy import onnx_session, run_session
-    torch.set_num_threads(args['threads'])
-    session = onnx_session(spec['onnx'], torch.device(args['device']), threads=args['threads'])
-    size, b = spec['img_size'], args['batch_size']
-    torch.manual_seed(0)
-    x = torch.randn(b, 3, size, size)
-    x1 = x[:1].clone()
-    t_inf = _median_seconds(lambda: run_session(session, x), lambda: None, args['min_time'])
-    t_lat = _median_seconds(lambda: run_session(session, x1), lambda: None, args['min_time'])
-    return {'model': f"{spec['model']} (onnxruntime)", 'img_size': size, 'params_m': spec['params_m'], 'batch': b,
-            'infer_img_s': b / t_inf, 'latency_ms': 1000 * t_lat, 'train_step_s': None, 'train_img_s': None,
-            'peak_mem_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 PARTS = ('infer', 'latency', 'train')
@@ -145,89 +118,179 @@ def train_optimizer(model, cfg):
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
+CHUNK_S = 0.25  # seconds of calls per timed chunk: short against the spells of a shared host's slowness
+PAUSE_S = 0.005  # between chunks: lets the last chunk's OpenMP threads stop spinning before the next one starts
+
+
+class Timed:
+    """One model built and ready to time, in the process that holds it: ``prepare(part)`` warms a part up,
+    ``time(part, k)`` runs it ``k`` times and returns the seconds per call.
+
+    The parts (``PARTS``): 'infer' (a batch, eval, ``torch.inference_mode``), 'latency' (batch 1, likewise) and
+    'train' (forward, cross-entropy, backward and optimiser step in train mode). An ONNX Runtime session has no
+    'train'. Prepare the parts in that order: 'train' switches the model to train mode."""
+
+    def __init__(self, spec: dict, args: dict) -> None:
+        import torch
+        torch.set_num_threads(args['threads'])
+        torch.manual_seed(0)
+        self.device = torch.device(args['device'])
+        self.cfg = self.model = self.session = self.opt = None
+        b = args['batch_size']
+        fmt = torch.channels_last if args['channels_last'] else torch.contiguous_format
+        if spec['kind'] == 'onnxruntime':
+            from deploy import onnx_session
+            self.session = onnx_session(spec['onnx'], self.device, threads=args['threads'])
+            size, name, params_m = spec['img_size'], f"{spec['model']} (onnxruntime)", spec['params_m']
+            self.parts, x_device, fmt = ('infer', 'latency'), 'cpu', torch.contiguous_format  # numpy input
+        else:
+            if args.get('keep_freed_memory'):  # as main.py does for CPU runs, for every model measured
+                from utils import keep_freed_memory
+                keep_freed_memory()
+            model, size, name, self.cfg = _build(spec, args['img_size'])
+            self.model = model.to(self.device).to(memory_format=fmt).eval()
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            if args['compile']:
+                import logging
+                from utils import compile_model
+                self.run_model = compile_model(model, logging.getLogger('benchmark'))
+            else:
+                self.run_model = model
+            self.amp_dtype = getattr(torch, args['amp_dtype']) if args['amp_dtype'] else None
+            self.parts, x_device = PARTS, self.device
+        self.x = torch.randn(b, 3, size, size, device=x_device).contiguous(memory_format=fmt)
+        self.x1 = self.x[:1].clone()
+        self.sync = torch.cuda.synchronize if self.device.type == 'cuda' else (lambda: None)
+        self.info = {'model': name, 'img_size': size, 'params_m': params_m, 'batch': b}
+
+    def _autocast(self):
+        import torch
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _call(self, part: str) -> None:
+        import torch
+        if part == 'train':
+            with self._autocast():
+                loss = torch.nn.functional.cross_entropy(self.run_model(self.x).float(), self.target)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            return
+        x = self.x if part == 'infer' else self.x1
+        if self.session is not None:
+            from deploy import run_session
+            run_session(self.session, x)
+            return
+        with torch.inference_mode(), self._autocast():
+            self.run_model(x)
+
+    def prepare(self, part: str) -> Optional[float]:
+        """Two warm-up calls (and compilation); the seconds of the second, or None if this model has no ``part``."""
+        import torch
+        if part not in self.parts:
+            return None
+        if part == 'train':
+            self.model.train()
+            self.opt = train_optimizer(self.model, self.cfg)
+            self.target = torch.randint(0, 10, (self.info['batch'],), device=self.device)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+            if self.device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self._call(part)
+        return self.time(part, 1)
+
+    def time(self, part: str, k: int) -> float:
+        """Seconds per call of ``k`` calls of ``part``, synchronised on CUDA."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(k):
+            self._call(part)
+        self.sync()
+        return (time.perf_counter() - start) / k
+
+    def finish(self) -> dict:
+        """What the table needs besides the timings: the peak memory (after 'train'), our models' CPU kernels."""
+        import torch
+        if self.device.type == 'cuda':
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out = {'peak_mem_mb': peak_mb}
+        if self.cfg is not None and self.device.type == 'cpu':
+            from models import kernels
+            out['cpu_kernels'] = kernels.summary()
+        return out
+
+
+def time_together(members: list, part: str, min_time: float) -> list:
+    """Time ``part`` of every member (a ``Timed``, or a ``_Remote`` one in a process of its own), alternating:
+    chunks of about ``CHUNK_S`` seconds, one per member in turn (the order reversed every pass), until every
+    member has run ``min_time`` seconds. Members timed together see the same spells of a shared machine's slowness,
+    chunk for chunk.
+
+    Returns: per member, the seconds per call of each of its chunks (all the same count), or None where the
+    member has no ``part``."""
+    estimates = [m.prepare(part) for m in members]
+    active = [i for i, e in enumerate(estimates) if e is not None]
+    calls = {i: max(1, round(CHUNK_S / max(estimates[i], 1e-6))) for i in active}
+    chunks = {i: [] for i in active}
+    spent = dict.fromkeys(active, 0.)
+    n = 0
+    while active and min(spent[i] for i in active) < min_time:
+        for i in (list(active) if n % 2 == 0 else active[::-1]):
+            time.sleep(PAUSE_S)
+            seconds = members[i].time(part, calls[i])
+            if seconds is None:  # its process failed (``_Remote.error``): the others go on
+                active.remove(i)
+                continue
+            chunks[i].append(seconds)
+            spent[i] += seconds * calls[i]
+        n += 1
+    return [chunks.get(i) for i in range(len(members))]
+
+
+def _rows(members: list, parts: tuple, min_time: float) -> list:
+    """Time ``parts`` of ``members`` together; one table row each (``chunks``: the chunk times of each part)."""
+    timed = {part: time_together(members, part, min_time) for part in PARTS if part in parts}
+    rows = []
+    for i, m in enumerate(members):
+        done = m.finish()
+        if done is None:  # a ``_Remote`` whose process failed
+            rows.append({'model': m.label, 'error': m.error})
+            continue
+        chunks = {part: t[i] for part, t in timed.items() if t[i] is not None}
+        s = {part: statistics.median(c) for part, c in chunks.items()}
+        b = m.info['batch']
+        rows.append(dict(m.info, chunks=chunks,
+                         infer_img_s=b / s['infer'] if 'infer' in s else None,
+                         latency_ms=1000 * s['latency'] if 'latency' in s else None,
+                         train_step_s=s.get('train'), train_img_s=b / s['train'] if 'train' in s else None,
+                         **done))
+    return rows
+
+
 def measure(spec: dict, args: dict) -> dict:
-    """Runs in a child process: build, then time inference, latency and a train step (``args['parts']``, if
-    given, names a subset of ``PARTS`` to time; the others are None, and so is the peak memory without 'train')."""
+    """Build ``spec`` here and time it alone (``args['parts']``, if given, names a subset of ``PARTS`` to time; the
+    others are None). Run it in a fresh process (``run_isolated``) so that the peak memory is its own."""
     if spec['kind'] == 'onnxruntime':
-        return measure_onnxruntime(spec, args)
-    import torch
-    torch.set_num_threads(args['threads'])
-    torch.manual_seed(0)
-    device = torch.device(args['device'])
-    if args.get('keep_freed_memory'):  # as main.py does for CPU runs, for every model measured (ours, official, timm)
-        from utils import keep_freed_memory
-        keep_freed_memory()
-    model, size, name, cfg = _build(spec, args['img_size'])
-    model.to(device)
-    fmt = torch.channels_last if args['channels_last'] else torch.contiguous_format
-    model.to(memory_format=fmt)
-    amp_dtype = getattr(torch, args['amp_dtype']) if args['amp_dtype'] else None
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    if args['compile']:
-        import logging
-        from utils import compile_model
-        run_model = compile_model(model, logging.getLogger('benchmark'))
-    else:
-        run_model = model
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    b = args['batch_size']
-    x = torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt)
-    x1 = x[:1].clone()
-    n_params = sum(p.numel() for p in model.parameters())
-
-    parts = args.get('parts') or PARTS
-    model.eval()
-    with torch.inference_mode():
-        def infer():
-            with autocast():
-                run_model(x)
-
-        def infer1():
-            with autocast():
-                run_model(x1)
-        t_inf = _median_seconds(infer, sync, args['min_time']) if 'infer' in parts else None
-        t_lat = _median_seconds(infer1, sync, args['min_time']) if 'latency' in parts else None
-    result = {'model': name, 'img_size': size, 'params_m': n_params / 1e6, 'batch': b,
-              'infer_img_s': None if t_inf is None else b / t_inf,
-              'latency_ms': None if t_lat is None else 1000 * t_lat, 'train_step_s': None, 'train_img_s': None,
-              'peak_mem_mb': None}
-    if 'train' not in parts:
-        return result
-
-    model.train()
-    opt = train_optimizer(model, cfg)
-    target = torch.randint(0, 10, (b,), device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def train_step():
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(run_model(x).float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    t_train = _median_seconds(train_step, sync, args['min_time'])
-    if device.type == 'cuda':
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    from models import kernels
-    return dict(result, train_step_s=t_train, train_img_s=b / t_train, peak_mem_mb=peak_mb,
-                cpu_kernels=kernels.summary() if cfg is not None and device.type == 'cpu' else None)
+        args = dict(args, parts=('infer', 'latency'))
+    return _rows([Timed(spec, args)], tuple(args.get('parts') or PARTS), args['min_time'])[0]
 
 
 def measure_machine(spec: dict, args: dict) -> dict:
     """The CPU (or GPU) and its float32 matmul speed with the benchmark's threads: the yardstick every figure of
     the table is relative to (a 2048^3 GEMM; the median of ``torch.utils.benchmark``)."""
     import torch
+    import torch.utils.benchmark as tb
     torch.set_num_threads(args['threads'])
     device = torch.device(args['device'])
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    seconds = _median_seconds(lambda: a @ b, sync, min(args['min_time'], 2.0))
+    # num_threads: Timer runs its statement with ONE thread unless told otherwise. It synchronises CUDA itself.
+    timer = tb.Timer(stmt='a @ b', globals={'a': a, 'b': b}, num_threads=torch.get_num_threads())
+    timer.timeit(2)  # warm-up
+    seconds = timer.blocked_autorange(min_run_time=min(args['min_time'], 2.0)).median
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
     else:
@@ -262,17 +325,102 @@ def run_isolated(spec: dict, args: dict, fn=measure) -> dict:
     return result
 
 
+def _serve(spec: dict, args: dict, conn) -> None:
+    """A child process: build ``spec`` as a ``Timed``, then run the methods the parent names until 'finish'."""
+    sys.path.insert(0, ROOT)
+    try:
+        timed = Timed(spec, args)
+        conn.send(('ok', timed.info))
+        while True:
+            method, *params = conn.recv()
+            conn.send(('ok', getattr(timed, method)(*params)))
+            if method == 'finish':
+                return
+    except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
+        conn.send(('error', f'{type(e).__name__}: {e}'))
+
+
+class _Remote:
+    """A ``Timed`` in a fresh process of its own (so that its peak memory is its own), called through a pipe.
+    After a failure ``error`` says what went wrong and every call returns None."""
+
+    def __init__(self, spec: dict, args: dict, ctx) -> None:
+        suffix = {'official': ' (official)', 'onnxruntime': ' (onnxruntime)'}.get(spec['kind'], '')
+        self.label = spec.get('model', spec['name']) + suffix
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(spec, args, child))
+        self.proc.start()
+        child.close()
+        self.error: Optional[str] = None
+        self.info: Optional[dict] = None
+
+    def _call(self, *message):
+        if self.error is not None:
+            return None
+        try:
+            if message:
+                self.conn.send(message)
+            while not self.conn.poll(5):
+                if not self.proc.is_alive():
+                    raise EOFError
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            status, value = 'error', f'the measuring process died (exit code {self.proc.exitcode})'
+        if status == 'error':
+            self.error = value
+            return None
+        return value
+
+    def ready(self) -> None:
+        self.info = self._call()
+
+    def prepare(self, part: str) -> Optional[float]:
+        return self._call('prepare', part)
+
+    def time(self, part: str, k: int) -> Optional[float]:
+        return self._call('time', part, k)
+
+    def finish(self) -> Optional[dict]:
+        out = self._call('finish')
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+        return out
+
+
+def measure_together(specs: list, args: dict) -> list:
+    """Build every spec in a fresh process of its own, all before any timing, then time them together
+    (``time_together``: chunk by chunk, alternating; ``args['parts']``, if given, names a subset of ``PARTS``).
+    One row per spec, an error row where it failed."""
+    ctx = mp.get_context('spawn')
+    members = [_Remote(spec, args, ctx) for spec in specs]
+    try:
+        for m in members:
+            m.ready()
+        ok = [m for m in members if m.error is None]
+        parts = tuple(args.get('parts') or PARTS)
+        rows = dict(zip(map(id, ok), _rows(ok, parts, args['min_time']))) if ok else {}
+    finally:
+        for m in members:
+            if m.proc.is_alive() and m.error is not None:
+                m.proc.kill()
+    return [{'model': m.label, 'error': m.error} if m.error is not None else rows[id(m)] for m in members]
+
+
 TIMINGS = ('infer_img_s', 'latency_ms', 'train_step_s', 'train_img_s')
 
 
 def _median_row(results: list[dict]) -> dict:
-    """One row from the rounds of one model: the median of each timing, the largest peak memory."""
+    """One row from the rounds of one model: the median of each timing, the largest peak memory, and every round's
+    figures and chunk times (``per_round``, ``per_round_chunks``) for the side-by-side ratios."""
     ok = [r for r in results if 'error' not in r]
     if not ok:
         return results[0]
     row = dict(ok[0], rounds=len(ok))
-    if len(results) > 1:  # every round's figures (JSON), for the spread of side-by-side ratios
-        row['per_round'] = {key: [r.get(key) for r in results] for key in TIMINGS}
+    row.pop('chunks', None)
+    row['per_round'] = {key: [r.get(key) for r in results] for key in TIMINGS}
+    row['per_round_chunks'] = [r.get('chunks') or {} for r in results]
     for key in TIMINGS:  # None: not measured for this row (ONNX Runtime has no training step)
         row[key] = None if ok[0][key] is None else statistics.median(r[key] for r in ok)
     row['peak_mem_mb'] = max(r['peak_mem_mb'] for r in ok)
@@ -300,14 +448,33 @@ def format_table(rows: list[dict], args: dict, machine: Optional[dict] = None) -
     return '\n'.join(lines)
 
 
-def _ratio(ours: dict, ref: dict, key: str, faster_is_larger: bool, label: str) -> str:
-    """'x1.23 <label>' (> 1: ``ours`` is faster) and, over several rounds, the spread of the per-round ratios."""
-    a, b = (ours, ref) if faster_is_larger else (ref, ours)
-    text = f"x{a[key] / b[key]:.2f} {label}"
-    pairs = [(x, y) for x, y in zip(a.get('per_round', {}).get(key, []), b.get('per_round', {}).get(key, []))
-             if x is not None and y is not None]
-    if len(pairs) > 1:  # the same round measured both back to back
-        per_round = [x / y for x, y in pairs]
+PART_OF = {'infer_img_s': 'infer', 'latency_ms': 'latency', 'train_step_s': 'train'}
+
+
+def round_ratios(ours: dict, ref: dict, key: str) -> list:
+    """Per round, how many times faster ``ours`` ran than ``ref`` (rows of ``_median_row``). Where both were timed
+    together (``measure_together``), the median over their chunk pairs: each pair ran back to back, so a slow spell
+    of the machine slows both; otherwise the ratio of the round's figures."""
+    out = []
+    rounds = zip(ours.get('per_round', {}).get(key, []), ref.get('per_round', {}).get(key, []),
+                 ours.get('per_round_chunks', []), ref.get('per_round_chunks', []))
+    for x, y, cx, cy in rounds:
+        a, b = cx.get(PART_OF[key]), cy.get(PART_OF[key])
+        if a and b:
+            out.append(statistics.median(tb / ta for ta, tb in zip(a, b)))
+        elif x is not None and y is not None:
+            out.append(x / y if key == 'infer_img_s' else y / x)
+    return out
+
+
+def _ratio(ours: dict, ref: dict, key: str, label: str) -> str:
+    """'x1.23 <label>' (> 1: ``ours`` is faster): the median of ``round_ratios``, with their spread over several
+    rounds (the ratio of the rows' figures where no round has both)."""
+    per_round = round_ratios(ours, ref, key)
+    if not per_round:
+        per_round = [ours[key] / ref[key] if key == 'infer_img_s' else ref[key] / ours[key]]
+    text = f"x{statistics.median(per_round):.2f} {label}"
+    if len(per_round) > 1:
         text += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
     return text
 
@@ -320,16 +487,16 @@ def _print_ratios(rows: list[dict]) -> None:
         if not name.endswith(' (official)') or name[:-len(' (official)')] not in by_name:
             continue
         ours = by_name[name[:-len(' (official)')]]
-        print(f"{ours['model']}: {_ratio(ours, off, 'infer_img_s', True, 'inference')}, "
-              f"{_ratio(ours, off, 'latency_ms', False, 'latency')}, "
-              f"{_ratio(ours, off, 'train_step_s', False, 'train step')}, "
+        print(f"{ours['model']}: {_ratio(ours, off, 'infer_img_s', 'inference')}, "
+              f"{_ratio(ours, off, 'latency_ms', 'latency')}, "
+              f"{_ratio(ours, off, 'train_step_s', 'train step')}, "
               f"peak memory {ours['peak_mem_mb']:.0f} vs {off['peak_mem_mb']:.0f} MB (ours vs official)")
     for name, ort in by_name.items():
         base = name[:-len(' (onnxruntime)')]
         if not name.endswith(' (onnxruntime)'):
             continue
-        parts = [f"{_ratio(ort, ref, 'infer_img_s', True, 'inference')}, "
-                 f"{_ratio(ort, ref, 'latency_ms', False, 'latency')} vs {what}"
+        parts = [f"{_ratio(ort, ref, 'infer_img_s', 'inference')}, "
+                 f"{_ratio(ort, ref, 'latency_ms', 'latency')} vs {what}"
                  for what, ref in (('eager', by_name.get(base)), ('official', by_name.get(f'{base} (official)')))
                  if ref is not None]
         if parts:
@@ -379,17 +546,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = {k: getattr(ns, k) for k in ('batch_size', 'img_size', 'threads', 'device', 'compile', 'channels_last',
                                         'amp_dtype', 'min_time', 'keep_freed_memory')}
     onnx_dir = tempfile.mkdtemp(prefix='benchmark-onnx-') if ns.onnxruntime else ''
-    specs = []
+    groups = []  # timed together: each of our models with its official one and its ONNX Runtime session
     for path in ns.cfg:
-        specs.append({'kind': 'cfg', 'name': path, 'cpu_kernels': ns.cpu_kernels})
+        group = [{'kind': 'cfg', 'name': path, 'cpu_kernels': ns.cpu_kernels}]
         from config import load_config_file
         root = ns.official_msg if load_config_file(path).MODEL.TYPE == 'msg' else ns.official_mgssaf
         if root:
-            specs.append({'kind': 'official', 'name': path, 'root': root})
+            group.append({'kind': 'official', 'name': path, 'root': root})
         if ns.onnxruntime:
-            specs.append({'kind': 'onnxruntime', 'name': path, 'onnx': os.path.join(onnx_dir, f'{len(specs)}.onnx')})
-    specs += [{'kind': 'timm', 'name': n} for n in ns.timm]
-    runs = [[] for _ in specs]
+            group.append({'kind': 'onnxruntime', 'name': path, 'onnx': os.path.join(onnx_dir, f'{len(groups)}.onnx')})
+        groups.append(group)
+    groups += [[{'kind': 'timm', 'name': n}] for n in ns.timm]
+    specs = [spec for group in groups for spec in group]
+    runs = {id(spec): [] for spec in specs}
     machine = run_isolated({'name': 'machine'}, args, measure_machine)
     try:
         for spec in specs:
@@ -398,15 +567,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 spec.update(exported)
                 print(f"exported {spec['model']} to ONNX", file=sys.stderr, flush=True)
         for r in range(ns.rounds):  # round-robin: a slow spell of a shared machine hits every model alike
-            for spec, results in zip(specs, runs):
-                if 'error' in spec:  # its export failed
-                    results.append({'model': f"{spec['model']} (onnxruntime)", 'error': spec['error']})
-                    continue
-                results.append(run_isolated(spec, args))
-                print(f"round {r + 1}/{ns.rounds}: measured {results[-1]['model']}", file=sys.stderr, flush=True)
+            for group in groups:
+                failed = [spec for spec in group if 'error' in spec]  # an export that failed
+                for spec in failed:
+                    runs[id(spec)].append({'model': f"{spec['model']} (onnxruntime)", 'error': spec['error']})
+                timed = [spec for spec in group if 'error' not in spec]
+                for spec, result in zip(timed, measure_together(timed, args)):
+                    runs[id(spec)].append(result)
+                print(f"round {r + 1}/{ns.rounds}: measured {', '.join(runs[id(s)][-1]['model'] for s in group)}",
+                      file=sys.stderr, flush=True)
     finally:
         if onnx_dir:
             shutil.rmtree(onnx_dir, ignore_errors=True)
+    runs = [runs[id(spec)] for spec in specs]
     rows = [_median_row(results) for results in runs]
     print(format_table(rows, args, machine))
     _print_ratios(rows)

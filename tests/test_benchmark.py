@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import statistics
 import time
 
 import pytest
@@ -16,19 +17,87 @@ def test_benchmark_rows_and_json(tmp_path, capsys):
     cfgs = [os.path.join(ROOT, 'configs', 'msg_demo.yaml'),
             os.path.join(ROOT, 'configs', 'MG-SSAF', 'MG-SSAF-demo.yaml')]
     rc = benchmark.main(['--cfg', *cfgs, '--batch-size', '2', '--threads', '1', '--min-time', '0.05',
-                         '--rounds', '2', '--keep-freed-memory', '--json', str(out)])
+                         '--rounds', '2', '--keep-freed-memory', '--json', str(out),
+                         '--official-msg', str(tmp_path / 'no-checkout')])
     assert rc == 0
     rows = json.loads(out.read_text())['results']
-    assert [r['model'] for r in rows] == ['msg_demo', 'MG-SSAF-demo']
-    for r in rows:
+    assert [r['model'] for r in rows] == ['msg_demo', f"{cfgs[0]} (official)", 'MG-SSAF-demo']
+    assert "official model file not found" in rows[1]['error']       # one line in the table; the others still run
+    for r in (rows[0], rows[2]):
         assert 'error' not in r and r['rounds'] == 2 and r['batch'] == 2 and r['img_size'] == 64
         assert r['infer_img_s'] > 0 and r['latency_ms'] > 0 and r['train_step_s'] > 0 and r['peak_mem_mb'] > 0
+        for chunks in r['per_round_chunks']:                          # every round's chunk times, per part
+            assert set(chunks) == {'infer', 'latency', 'train'} and all(t > 0 for c in chunks.values() for t in c)
     table = capsys.readouterr().out
     assert 'msg_demo' in table and 'MG-SSAF-demo' in table and 'train step s' in table
     assert 'malloc keeps freed memory' in table.splitlines()[0]
+    assert re.search(r'msg_demo\.yaml \(official\) +error: FileNotFoundError', table)
     machine = json.loads(out.read_text())['machine']            # every table names its CPU and its matmul speed
     assert machine['matmul_gflops'] > 0 and machine['device_name'] in table.splitlines()[0]
     assert re.search(r'float32 matmul \d+ GFLOP/s', table.splitlines()[0])
+
+
+class _FakeMember:
+    """A stand-in for ``benchmark.Timed``: every call takes ``seconds``, three times that in the second pass over the
+    members (a slow spell of the machine); calls logged in ``log``, shared by the members."""
+
+    def __init__(self, name, seconds, log, parts=('infer', 'train'), fail_after=None):
+        self.name, self.seconds, self.log, self.parts, self.fail_after = name, seconds, log, parts, fail_after
+        self.info, self.label, self.error, self.calls = {'model': name, 'batch': 4}, name, None, 0
+
+    def prepare(self, part):
+        return self.seconds if part in self.parts else None
+
+    def time(self, part, k):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            self.error = 'the measuring process died (exit code -9)'
+            return None
+        self.log.append((self.name, k))
+        return self.seconds * (3.0 if len(self.log) in (3, 4) else 1.0)
+
+    def finish(self):
+        return None if self.error else {'peak_mem_mb': 1.0}
+
+
+def test_time_together_alternates_chunks_so_that_a_slow_spell_hits_both(monkeypatch):
+    monkeypatch.setattr(benchmark.time, 'sleep', lambda s: None)
+    log = []
+    ours, off = _FakeMember('ours', 0.1, log), _FakeMember('off', 0.13, log, parts=('infer',))
+    chunks = benchmark.time_together([ours, off], 'infer', min_time=1.0)
+    k_ours, k_off = round(benchmark.CHUNK_S / 0.1), round(benchmark.CHUNK_S / 0.13)
+    assert log[:4] == [('ours', k_ours), ('off', k_off), ('off', k_off), ('ours', k_ours)]   # order reversed by pass
+    assert len(chunks[0]) == len(chunks[1]) >= 2                        # every member ran min_time, in pairs
+    assert sum(t * k_ours for t in chunks[0]) >= 1.0 and sum(t * k_off for t in chunks[1]) >= 1.0
+    assert chunks[0][1] == pytest.approx(0.3)                           # the slow pass ...
+    assert [b / a for a, b in zip(*chunks)] == pytest.approx([1.3] * len(chunks[0]))     # ... cancels in the pairs
+    assert benchmark.time_together([ours, off], 'train', min_time=0.5)[1] is None        # the official has no 'train'
+
+
+def test_a_member_whose_process_failed_gets_an_error_row_and_the_others_go_on(monkeypatch):
+    monkeypatch.setattr(benchmark.time, 'sleep', lambda s: None)
+    log = []
+    ours, off = _FakeMember('ours', 0.1, log), _FakeMember('off', 0.1, log, fail_after=1)
+    good, bad = benchmark._rows([ours, off], ('infer',), 1.0)
+    assert bad == {'model': 'off', 'error': 'the measuring process died (exit code -9)'}
+    chunks = good['chunks']['infer']                                    # timed alone on to min_time
+    assert sum(chunks) * round(benchmark.CHUNK_S / 0.1) >= 1.0 and len(log) == len(chunks) + 1
+    assert good['infer_img_s'] == pytest.approx(4 / statistics.median(chunks))
+    assert good['latency_ms'] is None and good['train_step_s'] is None and good['peak_mem_mb'] == 1.0
+
+
+def test_round_ratios_pair_the_chunks_timed_together():
+    def row(name, infer, chunks):
+        return benchmark._median_row([{'model': name, 'infer_img_s': i, 'latency_ms': 1.0, 'train_step_s': 1.0,
+                                       'train_img_s': 1.0, 'peak_mem_mb': 1.0, 'chunks': {'infer': c}}
+                                      for i, c in zip(infer, chunks)])
+    # round 1: a slow spell over chunks 2-3 of both; round 2: one slow chunk of the official's. Pairs say 1.25.
+    ours = row('m', (10.0, 10.0), ([0.8, 1.6, 1.6, 0.8], [0.8, 0.8, 0.8]))
+    off = row('m (official)', (8.0, 8.0), ([1.0, 2.0, 2.0, 1.0], [1.0, 1.1, 1.0]))
+    assert benchmark.round_ratios(ours, off, 'infer_img_s') == pytest.approx([1.25, 1.25])
+    assert benchmark._ratio(ours, off, 'infer_img_s', 'inference') == 'x1.25 inference (1.25-1.25 by round)'
+    # rounds without chunk times (an older JSON): the ratio of the round's figures
+    assert benchmark.round_ratios(ours, off, 'latency_ms') == pytest.approx([1.0, 1.0])
 
 
 def test_median_row_takes_medians_and_the_largest_peak():

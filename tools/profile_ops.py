@@ -678,10 +678,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def main_floor(args: argparse.Namespace) -> int:
-    """``--floor``: ours and the official timed as ``benchmark.py`` times them (fresh processes, alternating), then
-    our model's products recorded and replayed alone (``replay_floor``)."""
+    """``--floor``: ours and the official timed as ``benchmark.py`` times them (fresh processes, timed together chunk
+    by chunk), then our model's products recorded and replayed alone (``replay_floor``)."""
     import torch
-    from benchmark import measure_machine, run_isolated
+    from benchmark import measure_machine, measure_together
     from config import load_config_file
     from models import build_model
     from utils import keep_freed_memory
@@ -695,8 +695,7 @@ def main_floor(args: argparse.Namespace) -> int:
         specs['official'] = {'kind': 'official', 'name': args.cfg, 'root': args.official}
     times: Dict[str, List[float]] = {who: [] for who in specs}
     for _ in range(args.rounds):
-        for who, spec in specs.items():
-            r = run_isolated(spec, bench)
+        for who, r in zip(specs, measure_together(list(specs.values()), bench)):
             if 'error' in r:
                 print(f"{who}: {r['error']}", file=sys.stderr)
                 return 1
