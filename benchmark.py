@@ -7,12 +7,13 @@
         [--onnxruntime]                     # and each --cfg model exported to ONNX, in ONNX Runtime
 
 Each model runs in a fresh process of its own (so peak memory is its own). Each of our models is timed together
-with its official one (and its ONNX Runtime session): all are built and warmed up, then they take turns, a chunk of
-about ``CHUNK_S`` seconds of calls each (the order reversed every pass), until each has run ``--min-time`` seconds,
-so that a slow spell of a shared machine slows both sides of a ratio alike. A figure is the median of a model's
-chunks (seconds per call, synchronised on CUDA); a ratio is the median over its chunk pairs. ``--rounds N`` repeats
-all of it N times, each time in fresh processes, and reports each figure's median and each ratio's median and
-spread over the rounds (this machine is shared and noisy).
+with its official one (and its ONNX Runtime session): all are built, then for each part (inference, latency,
+training step) all are warmed up and take turns, a chunk of about ``CHUNK_S`` seconds of calls each (the order
+rotated every pass), until each has run ``--min-time`` seconds, so that a slow spell of a shared machine slows both
+sides of a ratio alike. The models of a group are resident together (on a GPU: two or three CUDA contexts and
+their memory at once). A figure is the median of a model's chunks (seconds per call, synchronised on CUDA); a ratio
+is the median over its chunk pairs. ``--rounds N`` repeats all of it N times, each time in fresh processes, and
+reports each figure's median and each ratio's median and spread over the rounds (this machine is shared and noisy).
 ``--keep-freed-memory`` applies main.py's CPU allocator setting (``utils.keep_freed_memory``) to every model.
 Inference runs in eval mode under ``torch.inference_mode``; the training step is forward + cross-entropy +
 backward + AdamW step in train mode (for our models, the optimiser main.py builds: fused AdamW; for the official
@@ -160,7 +161,9 @@ class Timed:
             self.parts, x_device = PARTS, self.device
         self.x = torch.randn(b, 3, size, size, device=x_device).contiguous(memory_format=fmt)
         self.x1 = self.x[:1].clone()
-        self.sync = torch.cuda.synchronize if self.device.type == 'cuda' else (lambda: None)
+        # ONNX Runtime returns host arrays: nothing to wait for
+        on_gpu = self.device.type == 'cuda' and self.session is None
+        self.sync = (lambda: torch.cuda.synchronize(self.device)) if on_gpu else (lambda: None)
         self.info = {'model': name, 'img_size': size, 'params_m': params_m, 'batch': b}
 
     def _autocast(self):
@@ -212,7 +215,7 @@ class Timed:
     def finish(self) -> dict:
         """What the table needs besides the timings: the peak memory (after 'train'), our models' CPU kernels."""
         import torch
-        if self.device.type == 'cuda':
+        if self.device.type == 'cuda' and self.session is None:
             peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -224,13 +227,14 @@ class Timed:
 
 
 def time_together(members: list, part: str, min_time: float) -> list:
-    """Time ``part`` of every member (a ``Timed``, or a ``_Remote`` one in a process of its own), alternating:
-    chunks of about ``CHUNK_S`` seconds, one per member in turn (the order reversed every pass), until every
-    member has run ``min_time`` seconds. Members timed together see the same spells of a shared machine's slowness,
-    chunk for chunk.
+    """Warm ``part`` up in every member (a ``Timed``, or a ``_Remote`` one in a process of its own), then time it,
+    alternating: chunks of about ``CHUNK_S`` seconds of calls (at least one call), one per member in turn (the
+    order rotated every pass), until every member has run ``min_time`` seconds (so a member slower than
+    ``CHUNK_S`` a call runs as many chunks as the fastest needs). Members timed together see the same spells of a
+    shared machine's slowness, chunk for chunk.
 
-    Returns: per member, the seconds per call of each of its chunks (all the same count), or None where the
-    member has no ``part``."""
+    Returns: per member, the seconds per call of each of its chunks (the same count for every member that did not
+    fail), or None where the member has no ``part``."""
     estimates = [m.prepare(part) for m in members]
     active = [i for i, e in enumerate(estimates) if e is not None]
     calls = {i: max(1, round(CHUNK_S / max(estimates[i], 1e-6))) for i in active}
@@ -238,7 +242,8 @@ def time_together(members: list, part: str, min_time: float) -> list:
     spent = dict.fromkeys(active, 0.)
     n = 0
     while active and min(spent[i] for i in active) < min_time:
-        for i in (list(active) if n % 2 == 0 else active[::-1]):
+        r = n % len(active)
+        for i in active[r:] + active[:r]:  # rotated each pass: each member follows each other one as often
             time.sleep(PAUSE_S)
             seconds = members[i].time(part, calls[i])
             if seconds is None:  # its process failed (``_Remote.error``): the others go on
@@ -270,14 +275,6 @@ def _rows(members: list, parts: tuple, min_time: float) -> list:
     return rows
 
 
-def measure(spec: dict, args: dict) -> dict:
-    """Build ``spec`` here and time it alone (``args['parts']``, if given, names a subset of ``PARTS`` to time; the
-    others are None). Run it in a fresh process (``run_isolated``) so that the peak memory is its own."""
-    if spec['kind'] == 'onnxruntime':
-        args = dict(args, parts=('infer', 'latency'))
-    return _rows([Timed(spec, args)], tuple(args.get('parts') or PARTS), args['min_time'])[0]
-
-
 def measure_machine(spec: dict, args: dict) -> dict:
     """The CPU (or GPU) and its float32 matmul speed with the benchmark's threads: the yardstick every figure of
     the table is relative to (a 2048^3 GEMM; the median of ``torch.utils.benchmark``)."""
@@ -307,8 +304,9 @@ def _child(fn, spec, args, queue):
         queue.put({'model': spec['name'], 'error': f'{type(e).__name__}: {e}'})
 
 
-def run_isolated(spec: dict, args: dict, fn=measure) -> dict:
-    """``fn(spec, args)`` (``measure`` or ``export_for_benchmark``) in a fresh process; its result or an error row."""
+def run_isolated(spec: dict, args: dict, fn) -> dict:
+    """``fn(spec, args)`` (e.g. ``measure_machine`` or ``export_for_benchmark``) in a fresh process; its result or an
+    error row."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, spec, args, queue))
@@ -329,15 +327,20 @@ def _serve(spec: dict, args: dict, conn) -> None:
     """A child process: build ``spec`` as a ``Timed``, then run the methods the parent names until 'finish'."""
     sys.path.insert(0, ROOT)
     try:
-        timed = Timed(spec, args)
-        conn.send(('ok', timed.info))
-        while True:
-            method, *params = conn.recv()
-            conn.send(('ok', getattr(timed, method)(*params)))
-            if method == 'finish':
-                return
-    except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
-        conn.send(('error', f'{type(e).__name__}: {e}'))
+        try:
+            timed = Timed(spec, args)
+            conn.send(('ok', timed.info))
+            while True:
+                method, *params = conn.recv()
+                conn.send(('ok', getattr(timed, method)(*params)))
+                if method == 'finish':
+                    return
+        except (EOFError, BrokenPipeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
+            conn.send(('error', f'{type(e).__name__}: {e}'))
+    except (EOFError, BrokenPipeError):  # the parent went away (it closes its end when it stops early)
+        pass
 
 
 class _Remote:
@@ -383,10 +386,16 @@ class _Remote:
 
     def finish(self) -> Optional[dict]:
         out = self._call('finish')
+        self.close()
+        return out
+
+    def close(self) -> None:
+        """Make sure the process has ended: it ends by itself after 'finish' or when its end of the pipe closes."""
+        self.conn.close()
         self.proc.join(30)
         if self.proc.is_alive():
             self.proc.kill()
-        return out
+            self.proc.join()
 
 
 def measure_together(specs: list, args: dict) -> list:
@@ -394,17 +403,18 @@ def measure_together(specs: list, args: dict) -> list:
     (``time_together``: chunk by chunk, alternating; ``args['parts']``, if given, names a subset of ``PARTS``).
     One row per spec, an error row where it failed."""
     ctx = mp.get_context('spawn')
-    members = [_Remote(spec, args, ctx) for spec in specs]
+    members = []
     try:
+        for spec in specs:
+            members.append(_Remote(spec, args, ctx))
         for m in members:
             m.ready()
         ok = [m for m in members if m.error is None]
         parts = tuple(args.get('parts') or PARTS)
         rows = dict(zip(map(id, ok), _rows(ok, parts, args['min_time']))) if ok else {}
-    finally:
+    finally:  # also after an error or an interrupt here: no process is left waiting for its next call
         for m in members:
-            if m.proc.is_alive() and m.error is not None:
-                m.proc.kill()
+            m.close()
     return [{'model': m.label, 'error': m.error} if m.error is not None else rows[id(m)] for m in members]
 
 

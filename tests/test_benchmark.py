@@ -86,6 +86,68 @@ def test_a_member_whose_process_failed_gets_an_error_row_and_the_others_go_on(mo
     assert good['latency_ms'] is None and good['train_step_s'] is None and good['peak_mem_mb'] == 1.0
 
 
+def test_three_members_take_turns_in_rotated_order(monkeypatch):
+    monkeypatch.setattr(benchmark.time, 'sleep', lambda s: None)
+    log = []
+    members = [_FakeMember(name, 0.3, log) for name in 'abc']
+    benchmark.time_together(members, 'infer', min_time=0.85)
+    assert [name for name, _ in log] == list('abc' 'bca' 'cab')     # each follows each other one, none itself
+
+
+_STAND_IN = """
+import os
+import torch.nn as nn
+
+
+class MSGTransformer(nn.Module):  # an official checkout's stand-in: a tiny model that exits on call DIE_AT
+    def __init__(self, num_classes=1000, **kwargs):
+        super().__init__()
+        self.head = nn.Linear(3, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == DIE_AT:
+            os._exit(3)
+        return self.head(x.mean((2, 3)))
+"""
+
+
+_ARGS = {'batch_size': 2, 'img_size': None, 'threads': 1, 'device': 'cpu', 'compile': False, 'channels_last': False,
+         'amp_dtype': None, 'min_time': 0.05, 'keep_freed_memory': False}
+
+
+def test_models_timed_together_in_their_processes_pair_every_chunk(tmp_path):
+    """Three live processes: ours, a stand-in official, and one that dies while it is timed. The two that live
+    get the same number of chunks for every part, the dead one an error row, and no process is left behind."""
+    import multiprocessing
+    cfg = os.path.join(ROOT, 'configs', 'msg_demo.yaml')
+    for name, die_at in (('alive', 0), ('dies', 4)):               # 'dies': warm-up, a timed call, then mid-chunk
+        (tmp_path / name / 'models').mkdir(parents=True)
+        (tmp_path / name / 'models' / 'msg_transformer.py').write_text(_STAND_IN.replace('DIE_AT', str(die_at)))
+    args = dict(_ARGS, min_time=0.3)
+    ours, alive, dead = benchmark.measure_together(
+        [{'kind': 'cfg', 'name': cfg}] + [{'kind': 'official', 'name': cfg, 'root': str(tmp_path / name)}
+                                          for name in ('alive', 'dies')], args)
+    assert dead == {'model': f'{cfg} (official)', 'error': 'the measuring process died (exit code 3)'}
+    assert ours['model'] == 'msg_demo' and alive['model'] == 'msg_demo (official)'
+    for part in benchmark.PARTS:
+        assert len(ours['chunks'][part]) == len(alive['chunks'][part]) >= 1
+    assert ours['peak_mem_mb'] > 0 and alive['train_step_s'] > 0
+    assert not multiprocessing.active_children()
+
+
+def test_no_process_is_left_waiting_when_the_parent_fails(monkeypatch):
+    import multiprocessing
+
+    def fail(*args):
+        raise RuntimeError('a bug in the parent')
+    monkeypatch.setattr(benchmark, '_rows', fail)
+    with pytest.raises(RuntimeError, match='a bug in the parent'):
+        benchmark.measure_together([{'kind': 'cfg', 'name': os.path.join(ROOT, 'configs', 'msg_demo.yaml')}], _ARGS)
+    assert not multiprocessing.active_children()
+
+
 def test_round_ratios_pair_the_chunks_timed_together():
     def row(name, infer, chunks):
         return benchmark._median_row([{'model': name, 'infer_img_s': i, 'latency_ms': 1.0, 'train_step_s': 1.0,
