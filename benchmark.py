@@ -229,9 +229,9 @@ class Timed:
 def time_together(members: list, part: str, min_time: float) -> list:
     """Warm ``part`` up in every member (a ``Timed``, or a ``_Remote`` one in a process of its own), then time it,
     alternating: chunks of about ``CHUNK_S`` seconds of calls (at least one call), one per member in turn (the
-    order rotated every pass), until every member has run ``min_time`` seconds (so a member slower than
-    ``CHUNK_S`` a call runs as many chunks as the fastest needs). Members timed together see the same spells of a
-    shared machine's slowness, chunk for chunk.
+    order rotated every pass), until every member has run ``min_time`` seconds (so a member whose single call
+    takes longer than ``CHUNK_S`` runs as many chunks as the member with the shortest chunks needs, and longer than
+    ``min_time``). Members timed together see the same spells of a shared machine's slowness, chunk for chunk.
 
     Returns: per member, the seconds per call of each of its chunks (the same count for every member that did not
     fail), or None where the member has no ``part``."""
