@@ -296,29 +296,40 @@ def measure_machine(spec: dict, args: dict) -> dict:
     return {'model': 'machine', 'device_name': name, 'matmul_gflops': 2 * n ** 3 / seconds / 1e9}
 
 
-def _child(fn, spec, args, queue):
+def _child(fn, spec, args, conn):
     sys.path.insert(0, ROOT)
     try:
-        queue.put(fn(spec, args))
+        conn.send(fn(spec, args))
     except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
-        queue.put({'model': spec['name'], 'error': f'{type(e).__name__}: {e}'})
+        conn.send({'model': spec['name'], 'error': f'{type(e).__name__}: {e}'})
+
+
+def _receive(conn, proc):
+    """The next message of the child process ``proc`` on ``conn``; ``EOFError`` if it ended without sending one."""
+    while not conn.poll(5):
+        if not proc.is_alive() and not conn.poll(0):  # (it may have sent just before it ended)
+            raise EOFError
+    return conn.recv()
+
+
+def _died(proc) -> str:
+    proc.join(5)
+    return f'the measuring process died (exit code {proc.exitcode})'
 
 
 def run_isolated(spec: dict, args: dict, fn) -> dict:
     """``fn(spec, args)`` (e.g. ``measure_machine`` or ``export_for_benchmark``) in a fresh process; its result or an
     error row."""
     ctx = mp.get_context('spawn')
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, spec, args, queue))
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(fn, spec, args, child))
     proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting while the child lives
-            if not proc.is_alive():
-                result = {'model': spec['name'], 'error': f'the measuring process died (exit code {proc.exitcode})'}
-                break
+    child.close()
+    try:
+        result = _receive(conn, proc)
+    except (EOFError, OSError):
+        result = {'model': spec['name'], 'error': _died(proc)}
+    conn.close()
     proc.join()
     return result
 
@@ -363,13 +374,9 @@ class _Remote:
         try:
             if message:
                 self.conn.send(message)
-            while not self.conn.poll(5):
-                if not self.proc.is_alive():
-                    raise EOFError
-            status, value = self.conn.recv()
+            status, value = _receive(self.conn, self.proc)
         except (EOFError, OSError):
-            self.proc.join(5)
-            status, value = 'error', f'the measuring process died (exit code {self.proc.exitcode})'
+            status, value = 'error', _died(self.proc)
         if status == 'error':
             self.error = value
             return None

@@ -148,6 +148,22 @@ def test_no_process_is_left_waiting_when_the_parent_fails(monkeypatch):
     assert not multiprocessing.active_children()
 
 
+def _exit_three(spec, args):
+    os._exit(3)
+
+
+def _failing(spec, args):
+    raise ValueError('no such model')
+
+
+def test_run_isolated_reports_a_child_that_died_or_failed():
+    assert benchmark.run_isolated({'name': 'm'}, {}, _exit_three) == {
+        'model': 'm', 'error': 'the measuring process died (exit code 3)'}
+    assert benchmark.run_isolated({'name': 'm'}, {}, _failing) == {'model': 'm', 'error': 'ValueError: no such model'}
+    assert benchmark.run_isolated({'name': 'm'}, {'min_time': 0.01, 'threads': 1, 'device': 'cpu'},
+                                  benchmark.measure_machine)['matmul_gflops'] > 0
+
+
 def test_round_ratios_pair_the_chunks_timed_together():
     def row(name, infer, chunks):
         return benchmark._median_row([{'model': name, 'infer_img_s': i, 'latency_ms': 1.0, 'train_step_s': 1.0,
