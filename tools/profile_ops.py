@@ -21,8 +21,9 @@ contiguous or channels-last), keeps the fastest, and sums them: the floor. Both 
 ``benchmark.py`` times them (together, chunk by chunk, in ``--rounds`` pairs of fresh processes; medians).
 ``official / floor`` is about the most an implementation computing our products with these kernels could gain if
 everything else (norms, softmax, GELU, copies, memory traffic between ops) took no time; for each target ratio the
-lines say how many ms that leaves above the floor. Alone, an op's inputs and output stay in cache and its buffers are reused: the floor
-is optimistic, the bound generous (but each figure is a median of ``FLOOR_REPEATS`` runs on a noisy machine).
+lines say how many ms that leaves above the floor. Alone, an op's inputs and output stay in cache and its buffers
+are reused: the floor is optimistic, the bound generous (but each figure is a median of ``FLOOR_REPEATS`` runs on a
+noisy machine).
 It then times our linear GEMMs where they run, unprofiled (each call wrapped in a clock), beside the same calls
 alone (``gemms_in_context``): if the two agree, our GEMMs run at their floor speed inside the model, and what ours
 spends above the floor is the work that is not a product (norms, softmax, GELU, copies, autograd).
