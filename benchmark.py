@@ -4,10 +4,12 @@
         --timm swin_tiny_patch4_window7_224 [--batch-size 8] [--threads 2] [--compile] [--channels-last] \
         [--amp-dtype bfloat16] [--device cuda] [--json out.json] [--rounds 3] [--keep-freed-memory] \
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
+        [--baseline ../base]                # and with our own code of another commit (git worktree add ../base C)
         [--onnxruntime]                     # and each --cfg model exported to ONNX, in ONNX Runtime
 
 Each model runs in a fresh process of its own (so peak memory is its own). Each of our models is timed together
-with its official one (and its ONNX Runtime session): all are built, then for each part (inference, latency,
+with its official one (and its ONNX Runtime session, and the same config built by the code of ``--baseline``, a
+checkout of this repository at another commit): all are built, then for each part (inference, latency,
 training step) all are warmed up and take turns, a chunk of about ``CHUNK_S`` seconds of calls each (the order
 rotated every pass), until each has run ``--min-time`` seconds, so that a slow spell of a shared machine slows both
 sides of a ratio alike. The models of a group are resident together (on a GPU: two or three CUDA contexts and
@@ -82,13 +84,13 @@ def _build(spec: dict, img_size: Optional[int]):
         from config import load_config_file
         cfg = load_config_file(spec['name'], ['DATA.IMG_SIZE', str(img_size)] if img_size else [])
         return _official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)', None
-    if spec['kind'] == 'cfg':
+    if spec['kind'] in ('cfg', 'baseline'):  # a baseline's process imports config and models from its checkout
         from config import load_config_file
         from models import build_model
-        opts = ['MODEL.DROP_PATH_RATE', '0.0', 'MODEL.CPU_KERNELS', spec.get('cpu_kernels') or 'auto']
-        opts += ['DATA.IMG_SIZE', str(img_size)] if img_size else []
+        opts = ['MODEL.DROP_PATH_RATE', '0.0'] + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
         cfg = load_config_file(spec['name'], opts)
-        return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME, cfg
+        suffix = ' (baseline)' if spec['kind'] == 'baseline' else ''
+        return build_model(cfg), cfg.DATA.IMG_SIZE, cfg.MODEL.NAME + suffix, cfg
     import timm
     kwargs = {'img_size': img_size} if img_size else {}
     model = timm.create_model(spec['name'], pretrained=False, **kwargs)
@@ -150,6 +152,8 @@ class Timed:
                 keep_freed_memory()
             model, size, name, self.cfg = _build(spec, args['img_size'])
             self.model = model.to(self.device).to(memory_format=fmt).eval()
+            if self.cfg is not None and self.device.type == 'cpu':
+                _install_cpu_accelerators(model)
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
             if args['compile']:
                 import logging
@@ -221,9 +225,25 @@ class Timed:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out = {'peak_mem_mb': peak_mb}
         if self.cfg is not None and self.device.type == 'cpu':
-            from models import kernels
-            out['cpu_kernels'] = kernels.summary()
+            out['cpu_kernels'] = _cpu_summary()
         return out
+
+
+def _install_cpu_accelerators(model) -> None:
+    """As main.py does on CPU (``models.cpu``); a baseline checkout from before ``models/cpu`` has its own."""
+    try:
+        from models import cpu
+    except ImportError:
+        return
+    cpu.install(model)
+
+
+def _cpu_summary():
+    try:
+        from models.cpu import kernels
+    except ImportError:  # a baseline checkout from before models/cpu
+        from models import kernels
+    return kernels.summary()
 
 
 def time_together(members: list, part: str, min_time: float) -> list:
@@ -291,13 +311,20 @@ def measure_machine(spec: dict, args: dict) -> dict:
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
     else:
-        from models.kernels import cpu_name
+        from models.cpu.kernels import cpu_name
         name = f'{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})'
     return {'model': 'machine', 'device_name': name, 'matmul_gflops': 2 * n ** 3 / seconds / 1e9}
 
 
+def _setup_child(spec: dict) -> None:
+    """Imports of a measuring process come from this checkout, a baseline's from its own (config, models, utils)."""
+    sys.path.insert(0, spec['root'] if spec.get('kind') == 'baseline' else ROOT)
+    if spec.get('cpu_kernels'):
+        os.environ['MSGSSAF_CPU_KERNELS'] = spec['cpu_kernels']
+
+
 def _child(fn, spec, args, conn):
-    sys.path.insert(0, ROOT)
+    _setup_child(spec)
     try:
         conn.send(fn(spec, args))
     except Exception as e:  # noqa: BLE001 - reported in the table, the other models still run
@@ -336,7 +363,7 @@ def run_isolated(spec: dict, args: dict, fn) -> dict:
 
 def _serve(spec: dict, args: dict, conn) -> None:
     """A child process: build ``spec`` as a ``Timed``, then run the methods the parent names until 'finish'."""
-    sys.path.insert(0, ROOT)
+    _setup_child(spec)
     try:
         try:
             timed = Timed(spec, args)
@@ -359,7 +386,8 @@ class _Remote:
     After a failure ``error`` says what went wrong and every call returns None."""
 
     def __init__(self, spec: dict, args: dict, ctx) -> None:
-        suffix = {'official': ' (official)', 'onnxruntime': ' (onnxruntime)'}.get(spec['kind'], '')
+        suffix = {'official': ' (official)', 'onnxruntime': ' (onnxruntime)',
+                  'baseline': ' (baseline)'}.get(spec['kind'], '')
         self.label = spec.get('model', spec['name']) + suffix
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(spec, args, child))
@@ -497,17 +525,19 @@ def _ratio(ours: dict, ref: dict, key: str, label: str) -> str:
 
 
 def _print_ratios(rows: list[dict]) -> None:
-    """ours / official for every model measured both ways; ONNX Runtime / eager (and / official) for every
-    exported model."""
+    """ours / official and ours / baseline for every model measured both ways; ONNX Runtime / eager (and / official)
+    for every exported model."""
     by_name = {r['model']: r for r in rows if 'error' not in r}
-    for name, off in by_name.items():
-        if not name.endswith(' (official)') or name[:-len(' (official)')] not in by_name:
-            continue
-        ours = by_name[name[:-len(' (official)')]]
-        print(f"{ours['model']}: {_ratio(ours, off, 'infer_img_s', 'inference')}, "
-              f"{_ratio(ours, off, 'latency_ms', 'latency')}, "
-              f"{_ratio(ours, off, 'train_step_s', 'train step')}, "
-              f"peak memory {ours['peak_mem_mb']:.0f} vs {off['peak_mem_mb']:.0f} MB (ours vs official)")
+    for kind in ('official', 'baseline'):
+        suffix = f' ({kind})'
+        for name, ref in by_name.items():
+            if not name.endswith(suffix) or name[:-len(suffix)] not in by_name:
+                continue
+            ours = by_name[name[:-len(suffix)]]
+            print(f"{ours['model']}: {_ratio(ours, ref, 'infer_img_s', 'inference')}, "
+                  f"{_ratio(ours, ref, 'latency_ms', 'latency')}, "
+                  f"{_ratio(ours, ref, 'train_step_s', 'train step')}, "
+                  f"peak memory {ours['peak_mem_mb']:.0f} vs {ref['peak_mem_mb']:.0f} MB (ours vs {kind})")
     for name, ort in by_name.items():
         base = name[:-len(' (onnxruntime)')]
         if not name.endswith(' (onnxruntime)'):
@@ -535,7 +565,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="glibc malloc keeps freed memory (utils.keep_freed_memory, as main.py sets for CPU runs) "
                              "in every model's process; default: the C library's defaults")
     parser.add_argument('--cpu-kernels', choices=['auto', 'fused', 'plain'], default='auto',
-                        help="our models' CPU kernels (MODEL.CPU_KERNELS): measured per shape, or fixed")
+                        help="our models' CPU kernels (MSGSSAF_CPU_KERNELS, models/cpu): measured per shape, fixed, "
+                             "or none (plain)")
     parser.add_argument('--min-time', type=float, default=3.0, help='seconds of timed repeats per measurement')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every model this many times, round-robin, and report medians')
@@ -545,6 +576,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              'hustvl/MSG-Transformer at DIR (for side-by-side ratios)')
     parser.add_argument('--official-mgssaf', default='', metavar='DIR',
                         help='likewise for MG-SSAF, from a checkout of shuaiyang11/MG-SSAF')
+    parser.add_argument('--baseline', default='', metavar='DIR',
+                        help='also time each --cfg model as the code of another checkout of this repository at DIR '
+                             'builds it (e.g. git worktree add DIR <commit>), in turns with this code')
     parser.add_argument('--onnxruntime', action='store_true',
                         help='also time each --cfg model exported to ONNX in ONNX Runtime (float32; inference and '
                              'latency; needs requirements-onnx.txt)')
@@ -570,6 +604,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         root = ns.official_msg if load_config_file(path).MODEL.TYPE == 'msg' else ns.official_mgssaf
         if root:
             group.append({'kind': 'official', 'name': path, 'root': root})
+        if ns.baseline:
+            group.append({'kind': 'baseline', 'name': path, 'root': os.path.abspath(ns.baseline),
+                          'cpu_kernels': ns.cpu_kernels})
         if ns.onnxruntime:
             group.append({'kind': 'onnxruntime', 'name': path, 'onnx': os.path.join(onnx_dir, f'{len(groups)}.onnx')})
         groups.append(group)

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from models import kernels
 from models.pretrained import fit_state_dict  # shared with timm's checkpoint_filter_fn
 
 CHECKPOINT_VERSION = 2  # 2: epoch = last completed epoch (official meaning); version 1 stored the next one
@@ -391,7 +390,6 @@ def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Opti
         'world_size': world_size,
         'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS,
         'class_names': list(class_names) if class_names is not None else None,
-        'cpu_kernels': kernels.export(),  # this run's measured kernel choices: a resumed run computes alike
         'config': config.dump(),
         'version': CHECKPOINT_VERSION,
     }
@@ -424,9 +422,7 @@ def restore_training(ckpt: dict, path: str, *, model: nn.Module, optimizer: torc
         logger.warning(f"resume: '{path}' has no optimizer state; the optimizer starts fresh")
     if scaler.is_enabled() and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
-    taken = kernels.restore(ckpt.get('cpu_kernels'))
-    if taken:
-        logger.info(f'resume: {taken} CPU kernel choices of the interrupted run reused (the same machine)')
+    # Older checkpoints also carry 'cpu_kernels' (CPU kernel choices): a run's business, measured anew (models/cpu).
     if ckpt.get('amp'):
         logger.info("resume: the checkpoint's apex AMP state is not used (native torch.amp)")
     if model_ema is not None:

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; ``main.py`` prints its message as one line."""
 
 
+# The names TRAIN.LR_SCHEDULER.NAME and TRAIN.OPTIMIZER.NAME take: lr_scheduler.py and optimizer.py build each one
+# (and import these lists from here, so that nothing imports in a circle).
+SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
+OPTIMIZERS = ('adamw', 'sgd')
+
+
 _C = CN()
 _C.BASE = ['']
 
@@ -56,9 +62,6 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.FUSED_ATTN = True           # scaled_dot_product_attention where it is exact; False: plain matmuls
-# CPU float32: per op and shape, oneDNN's fused kernels or the plain ops, whichever is faster on this CPU, measured
-# once ('auto'), or always one of them ('fused' / 'plain'); the environment variable MSGSSAF_CPU_KERNELS wins.
-_C.MODEL.CPU_KERNELS = 'auto'
 
 # MSG-Transformer (hustvl/MSG-Transformer)
 _C.MODEL.MSG = CN()
@@ -560,16 +563,6 @@ def _timm_auto_augment(spec: Any) -> bool:
     return True
 
 
-def _schedulers() -> tuple[str, ...]:
-    from lr_scheduler import SCHEDULERS
-    return SCHEDULERS
-
-
-def _optimizers() -> tuple[str, ...]:
-    from optimizer import OPTIMIZERS
-    return OPTIMIZERS
-
-
 def _manip_types() -> tuple[str, ...]:
     from models.msg_transformer import MANIP_TYPES
     return MANIP_TYPES
@@ -609,7 +602,6 @@ RULES: dict[str, Rule] = {
     'MODEL.DROP_PATH_RATE': _UNIT_OPEN,
     'MODEL.LABEL_SMOOTHING': _UNIT_OPEN,
     'MODEL.FUSED_ATTN': Flag(),
-    'MODEL.CPU_KERNELS': OneOf(('auto', 'fused', 'plain')),
     # Per-stage lists and the geometry (lengths, heads dividing channels, valid sizes) are checked by the model
     # itself when it is built, with the valid values in the message; here only what any model needs.
     'MODEL.MSG.PATCH_SIZE': Int(1),
@@ -653,14 +645,14 @@ RULES: dict[str, Rule] = {
     'TRAIN.COMPILE': Flag(),
     'TRAIN.KEEP_CHECKPOINTS': Int(0),
     'TRAIN.MAX_NONFINITE_STEPS': Int(1),
-    'TRAIN.LR_SCHEDULER.NAME': OneOf(_schedulers, ignore_case=True),
+    'TRAIN.LR_SCHEDULER.NAME': OneOf(SCHEDULERS, ignore_case=True),
     'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': Int(1),
     'TRAIN.LR_SCHEDULER.DECAY_RATE': Real('(0, 1]'),
     'TRAIN.LR_SCHEDULER.WARMUP_PREFIX': Flag(),
     'TRAIN.LR_SCHEDULER.T_IN_BATCHES': Flag(),
     'TRAIN.LR_SCHEDULER.GAMMA': Real('(0, 1]'),
     'TRAIN.LR_SCHEDULER.MULTISTEPS': Seq(_POSITIVE, increasing=True),
-    'TRAIN.OPTIMIZER.NAME': OneOf(_optimizers, ignore_case=True),
+    'TRAIN.OPTIMIZER.NAME': OneOf(OPTIMIZERS, ignore_case=True),
     'TRAIN.OPTIMIZER.EPS': _POSITIVE,
     'TRAIN.OPTIMIZER.BETAS': Seq(_UNIT_OPEN, length=2),
     'TRAIN.OPTIMIZER.MOMENTUM': _UNIT_OPEN,

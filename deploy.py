@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
 from config import ConfigError
@@ -90,8 +91,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, metadata: Op
     require('onnxscript')
     batch = torch.export.Dim('batch', min=1)
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+        # SDPA traced as its math composite: the CPU flash kernel's output layout would be baked into the views
+        # after it, which the exporter's decomposition of that kernel does not keep.
+        with sdpa_kernel(SDPBackend.MATH):
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
         program.model.metadata_props.update(metadata or {})
         program.save(path, external_data=False)
     except Exception as e:  # noqa: BLE001 - the exporter fails in many ways; reported as one line

@@ -30,9 +30,8 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-from config import ConfigError
+from config import SCHEDULERS, ConfigError
 
-SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 LINEAR_END_RATE = 0.01  # the official LinearLRScheduler's lr_min_rate
 
 

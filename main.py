@@ -32,7 +32,7 @@ from data import Data, DataError, build_loader, release_workers
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
 from lr_scheduler import ScheduleClock, build_scheduler
-from models import build_model, kernels, model_cost
+from models import build_model, cpu, model_cost
 from optimizer import build_optimizer, scaled_lrs
 from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
@@ -183,7 +183,16 @@ def create_model(run: Run) -> nn.Module:
     params, macs = model_cost(model, config.DATA.IMG_SIZE)
     logger.info(f'model {config.MODEL.NAME} ({config.MODEL.TYPE}): {params:,} params, '
                 f'{macs / 1e9:.3f} GMACs at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}')
-    return model.to(run.device)
+    model = model.to(run.device)
+    if run.device.type == 'cpu':
+        try:
+            accelerated = cpu.install(model, logger)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if accelerated:
+            logger.info(f'CPU accelerators (models/cpu) on {len(accelerated)} modules; MSGSSAF_CPU_KERNELS=plain '
+                        f'runs the plain forwards')
+    return model
 
 
 def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
@@ -208,9 +217,9 @@ def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
 
 
 def _log_cpu_kernels(logger: logging.Logger, _logged: list = []) -> None:  # noqa: B006 - once per process
-    """The CPU kernel choices of this process (models/kernels.py), once (after the first epoch or evaluation,
+    """The CPU kernel choices of this process (models/cpu), once (after the first epoch or evaluation,
     when every shape has been seen); nothing on GPU runs."""
-    line = kernels.summary()
+    line = cpu.summary()
     if line and not _logged:
         _logged.append(line)
         logger.info(line)

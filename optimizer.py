@@ -7,9 +7,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from config import ConfigError
-
-OPTIMIZERS = ('adamw', 'sgd')
+from config import OPTIMIZERS, ConfigError
 
 
 def scaled_lrs(config, world_size: int) -> tuple[float, float, float]:

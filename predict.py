@@ -35,6 +35,7 @@ from data.build import DECODE_ERRORS, load_rgb
 from deploy import (META_CLASS_NAMES, META_PREPROCESS, build_inference_model, checkpoint_class_names, onnx_session,
                     preprocess_settings, run_session, session_metadata)
 from distributed import resolve_device
+from models import cpu
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
@@ -173,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
         classify, names = _onnx_classifier(args, config, device)
     else:
         model, names = build_inference_model(config, args.resume, device)
+        if device.type == 'cpu':
+            try:
+                cpu.install(model)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
         def classify(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():

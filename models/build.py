@@ -9,8 +9,6 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import kernels
-
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -30,9 +28,7 @@ def list_model_types() -> list[str]:
 
 
 def build_model(config) -> nn.Module:
-    """Build the backbone named by ``config.MODEL.TYPE`` from its config section. Also sets the process's CPU
-    kernel policy from ``MODEL.CPU_KERNELS`` (``models.kernels``), as every entry point builds through here."""
-    kernels.set_policy(config.MODEL.CPU_KERNELS)
+    """Build the backbone named by ``config.MODEL.TYPE`` from its config section."""
     name = _ALIASES.get(str(config.MODEL.TYPE).lower())
     if name is None:
         raise ValueError(f"unknown MODEL.TYPE '{config.MODEL.TYPE}'; known types: {', '.join(list_model_types())}")

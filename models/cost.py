@@ -48,10 +48,17 @@ def model_cost(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in
     p = next(model.parameters())
     x = torch.zeros(1, in_chans, h, w, device=p.device, dtype=p.dtype)
     was_training = model.training
+    # The architecture's count, as the papers give it: MSG-Transformer's last block then computes every row, not only
+    # the MSG rows its head reads (``msg_rows_only``, an exact shortcut the official code does not take).
+    rows_only = getattr(model, 'msg_rows_only', None)
     model.eval()
     try:
+        if rows_only is not None:
+            model.msg_rows_only = False
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        if rows_only is not None:
+            model.msg_rows_only = rows_only
     return ModelCost(params=count_params(model), macs=counter.get_total_flops() // 2)

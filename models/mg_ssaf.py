@@ -35,12 +35,16 @@ run on a channels-last NCHW view of the NHWC tensor (no copy). ``forward_feature
 (NHWC, timm's unpooled features), ``forward_head`` pools it and applies ``head_hidden`` + GELU (the official
 ``forward_features`` output: ``forward_head(..., pre_logits=True)``) and the classifier;
 ``forward_intermediates`` returns NCHW maps.
-On CPU in float32 the 1x1 convs run through oneDNN with the bias fused (``layers.linear``), in eval without
-autograd also the MLP's GELU and the residual adds; PatchMerging's 1x1 -> GELU -> 1x1 is ``layers.gelu_mlp``
-(``use_onednn = False`` on blocks and merges: plain modules). The convs that run on channels-last
-views (the stem's last conv, the 3x3 depthwise convs) keep channels-last weights (no weight reorder per call,
-gradients in the weights' own strides). Scripted or traced (``torch.jit.script``, ``torch.fx``) the model takes
-the plain modules by itself (``layers.plain_only``; the oneDNN code is eager-only, ``@torch.jit.unused``).
+The convs that run on channels-last views (the stem's last conv, the 3x3 depthwise convs) keep channels-last
+weights (no weight reorder per call, gradients in the weights' own strides). This file is the reference and the GPU
+path; faster CPU implementations of the stock blocks live apart (``models/cpu``) and are installed on a built model
+by ``models.cpu.install``.
+
+Swapping parts: ``attn_layer`` (default ``MultiGranularityAttention``) and ``mlp_layer`` (default ``ConvMlp``) are
+the classes each block builds, ``attn_layer(dim, num_heads=, num_global_heads=, window_size=, strip_width=,
+qkv_bias=, attn_drop=, proj_drop=, fused_attn=)`` and ``mlp_layer(dim, hidden_dim, drop=)``, both mapping NHWC
+(B, H, W, C) to (B, H, W, C) (the attention gets the normed tokens, the MLP the block's input: it normalizes
+itself). ``timm.create_model(name, attn_layer=MyAttention)`` passes them through.
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
@@ -61,8 +65,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import (channels_last_weight_, cpu_choice, gelu_mlp, linear, linear_add, linear_gelu, onednn_ok,
-                     plain_only, use_sdpa)
+from .layers import channels_last_weight_
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -82,82 +85,13 @@ GLOBAL_POOLS = ('avg', '')  # 'avg': mean over the final map; '': keep the map (
 _IntPair = Union[int, tuple[int, int]]
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    """The identity, as a saved-tensor pack / unpack hook."""
-    return t
-
-
 class ConvNHWC(nn.Conv2d):
     """``nn.Conv2d`` on NHWC tensors, through a channels-last NCHW view (no layout copies); same parameters and
-    state_dict entries as the ``nn.Conv2d``.
-
-    ``fast_backward=True`` (a stride-1, "same"-padded depthwise conv with an odd kernel): in eager mode through
-    ``_DepthwiseConvSame``, the same function with a faster weight gradient; scripted or traced the plain conv.
-    """
-
-    def __init__(self, *args: Any, fast_backward: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fast_backward = fast_backward
+    state_dict entries as the ``nn.Conv2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H', W', C')."""
-        if self.fast_backward and not plain_only():
-            return self._forward_fast_backward(x)
         return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)  # B, H', W', C'
-
-    @torch.jit.unused
-    def _forward_fast_backward(self, x: torch.Tensor) -> torch.Tensor:
-        return _depthwise_conv_nhwc(x, self)
-
-
-class _DepthwiseConvSame(torch.autograd.Function):
-    """Stride-1 depthwise conv with odd kernel and "same" padding, channels-last, with a faster backward.
-
-    PyTorch's CPU weight gradient of a large-kernel depthwise conv is ~15x slower than its forward (e.g. 7x7 on
-    8x768x14x14: 30 ms vs 2 ms). Both gradients here are forward depthwise convs, computing the same sums:
-
-    * input: the conv of the output gradient with the flipped kernel (stride 1, padding k // 2 on both sides);
-    * weight: ``dW[c, i, j] = sum_{b,y,x} xpad[b, c, y+i, x+j] g[b, c, y, x]``, a depthwise conv of the
-      B*C maps ``x[b, c]`` with the B*C kernels ``g[b, c]`` (output k x k), summed over b.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        B, C, H, W = x.shape
-        k = weight.shape[-1]
-        # Under autocast the forward ran in grad's dtype: so do the gradients (then cast back, like autocast's).
-        grad = grad.contiguous(memory_format=torch.channels_last)  # B, C, H, W (memory B, H, W, C)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight.to(grad.dtype).flip(-2, -1), padding=k // 2, groups=C).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            maps = x.to(grad.dtype).permute(2, 3, 0, 1).reshape(1, H, W, B * C).permute(0, 3, 1, 2)  # 1, B*C, H, W
-            kernels = grad.reshape(B * C, 1, H, W)
-            grad_w = F.conv2d(maps, kernels, padding=k // 2, groups=B * C)  # 1, B*C, k, k
-            grad_w = grad_w.view(B, C, k, k).sum(0).unsqueeze(1).to(weight.dtype)  # C, 1, k, k
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3)).to(weight.dtype)
-        return grad_x, grad_w, grad_b
-
-
-def _depthwise_conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv`` on an NHWC tensor, for a stride-1, "same"-padded depthwise ``conv`` with an odd kernel, with the
-    faster backward (eager only: ``ConvNHWC(fast_backward=True)`` calls it).
-
-    Args:
-        x: (B, H, W, C)
-    Returns:
-        (B, H, W, C)
-    """
-    return _DepthwiseConvSame.apply(x.permute(0, 3, 1, 2), conv.weight, conv.bias).permute(0, 2, 3, 1)
 
 
 def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
@@ -221,16 +155,17 @@ class AttentionFusion(nn.Module):
         bias = spatial_bias.repeat_interleave(Nq)
         maps = attn.reshape(Bq, kh, kw, nH * Nq).permute(0, 3, 1, 2)  # B', nH*Nq, kh, kw (channels-last)
         fused = F.conv2d(maps, weight, bias, padding=self.spatial.padding, groups=nH * Nq)
-        # The GELU on the NHWC view, contiguous: PyTorch's CPU GELU takes 1.3-1.8x as long (its backward 1.1-1.4x) on
-        # the same memory seen as a channels-last NCHW tensor.
+        # The GELU on the contiguous NHWC view: PyTorch's CPU GELU is slower on the same memory seen as channels-last.
         fused = F.gelu(fused.permute(0, 2, 3, 1)).reshape(Bq * kh * kw, nH, Nq)  # B'*kh*kw, nH, Nq
         attn = torch.baddbmm(attn.reshape(Bq * kh * kw, nH, Nq), self.mix.weight.expand(Bq * kh * kw, nH, nH), fused)
         attn = attn.view(Bq, kh * kw, nH, Nq).permute(0, 2, 3, 1)  # B', nH, Nq, kh*kw
-        mix_bias = mix_bias[:, None, None]  # nH, 1, 1
+        # In the attention's dtype: a float32 bias would lift everything after it out of float16 under autocast.
+        mix_bias = mix_bias.to(attn.dtype)[:, None, None]  # nH, 1, 1
         if self.training and self.attn_drop.p > 0:
             return self.attn_drop(attn + mix_bias) @ v
         # mix's bias adds b_h to every weight of head h, i.e. b_h * sum(v) to every output: cheaper there.
-        return attn @ v + mix_bias * v.sum(dim=-2, keepdim=True)
+        out = attn @ v  # B', nH, Nq, d
+        return out + mix_bias * v.sum(dim=-2, keepdim=True).to(out.dtype)
 
 
 def _separable_attention(logits: torch.Tensor) -> torch.Tensor:
@@ -288,10 +223,7 @@ class MultiGranularityAttention(nn.Module):
         qk = qk.view(B, H // ws, ws, W // ws, ws, 2, nH, d)  # B, H/ws, ws, W/ws, ws, 2, nH, d
         qk = qk.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(2, -1, nH, ws, ws, d)  # 2, B*nW, nH, ws(i), ws(j), d
         q, k = qk.unbind(0)
-        if not torch.jit.is_scripting() and self._full_window_scores_faster(q, k):
-            row, col = self._ss_scores_full(q, k)
-        else:
-            row, col = self._ss_scores(q, k)
+        row, col = self._ss_scores(q, k)
         row, col = row.softmax(dim=1), col.softmax(dim=1)  # B*nW, j', nH, i, j / B*nW, i', j, nH, i
         # Two hops: (i, j) -> (i, j') along its row, then (i, j') -> (i', j') along that column.
         attn = row.unsqueeze(1) * col.unsqueeze(-1)  # B*nW, i', j', nH, i, j
@@ -314,40 +246,6 @@ class MultiGranularityAttention(nn.Module):
         row = (q @ k.transpose(-2, -1)).mul_(self.scale)  # B*nW, nH, i, j, j'
         col = (q.transpose(-3, -2) @ k.permute(0, 1, 3, 4, 2)).mul_(self.scale)  # B*nW, nH, j, i, i'
         return row.permute(0, 4, 1, 2, 3).contiguous(), col.permute(0, 4, 2, 1, 3).contiguous()
-
-    def _ss_scores_full(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``_ss_scores`` from one product of all ws*ws queries with all ws*ws keys of each window, whose diagonals
-        they are: row[(i, j), j'] = S[(i, j), (i, j')], col[(i, j), i'] = S[(i, j), (i', j)]. 3.5x the FLOPs,
-        but one N x N GEMM per head runs faster on a CPU than 2 ws ws x ws GEMMs (0.97-1.6x as fast forward,
-        1.3-2.3x forward and backward, at the T/S/B shapes on an AMD EPYC); ``_full_window_scores_faster``
-        decides per shape. Same dot products, so the same values up to float rounding."""
-        Bw, nH, ws, _, d = q.shape
-        N = ws * ws
-        s = q.reshape(Bw, nH, N, d) @ k.reshape(Bw, nH, N, d).transpose(-2, -1)  # B*nW, nH, N, N
-        s = s.view(Bw, nH, ws, ws, ws, ws)  # B*nW, nH, i, j, i', j'
-        row = s.diagonal(dim1=2, dim2=4).permute(0, 3, 1, 4, 2)  # B*nW, j', nH, i, j (i = i')
-        col = s.diagonal(dim1=3, dim2=5).permute(0, 3, 4, 1, 2)  # B*nW, i', j, nH, i (j = j')
-        return (row * self.scale).contiguous(), (col * self.scale).contiguous()
-
-    @torch.jit.unused
-    def _full_window_scores_faster(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether ``_ss_scores_full`` is the faster on this CPU for these shapes (``layers.cpu_choice``: CPU
-        float32 eager only; elsewhere, and under the FLOP counter, the official products). With autograd, timed
-        forward and backward (the full product gains most in the backward), on detached copies of q and k."""
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return cpu_choice('ss_scores', (q, k), lambda: self._ss_scores_full(q, k), lambda: self._ss_scores(q, k))
-
-        def forward_backward(scores: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]):
-            def run() -> None:  # runs only while the choice is measured (once per shape): nothing on the hot path
-                q1, k1 = q.detach().requires_grad_(), k.detach().requires_grad_()
-                # Its own graph, saved as is: not through the hooks of an enclosing region (activation
-                # checkpointing counts the tensors a forward saves, and would see these only the first time).
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                    row, col = scores(q1, k1)
-                    torch.autograd.backward((row, col), (row.detach(), col.detach()))
-            return run
-        return cpu_choice('ss_scores_train', (q, k), forward_backward(self._ss_scores_full),
-                          forward_backward(self._ss_scores))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, ..., nH_g*d) with nH_g = group_heads. Returns: (B, nH_g, L, d), L = prod(...)."""
@@ -384,8 +282,8 @@ class MultiGranularityAttention(nn.Module):
         q, k = qk.split(C2 // 2, dim=-1)
         k = _avg_pool_nhwc(k, (s, W) if horizontal else (H, s), stride=s)  # B, H/s, 1, nH_g*d or B, 1, W/s, nH_g*d
         q, k = self._split_heads(q), self._split_heads(k)  # B, nH_g, H*W, d / B, nH_g, M, d
-        dropout_p = self.attn_drop.p if self.training else 0.
-        if self.fused_attn and use_sdpa(q, k, k, None, self.scale, dropout_p):
+        if self.fused_attn:
+            dropout_p = self.attn_drop.p if self.training else 0.
             out = F.scaled_dot_product_attention(q, k, k, dropout_p=dropout_p, scale=self.scale)  # B, nH_g, H*W, d
         else:
             attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # B, nH_g, H*W, M
@@ -393,8 +291,7 @@ class MultiGranularityAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, H, W, -1)  # B, H, W, nH_g*d
 
     def attend(self, qk: torch.Tensor) -> torch.Tensor:
-        """Everything between ``proj_qk`` and ``proj`` (so that ``MGSSAFBlock``'s oneDNN path can run those GEMMs
-        through oneDNN and fuse ``proj`` with the residual add).
+        """Everything between ``proj_qk`` and ``proj``.
 
         Args:
             qk: (B, H, W, 2C), ``proj_qk`` of the normed tokens.
@@ -428,9 +325,8 @@ class ConvMlp(nn.Module):
         self.dwconv = channels_last_weight_(
             ConvNHWC(dim, dim, MLP_KERNEL_SIZE, padding=MLP_KERNEL_SIZE // 2, groups=dim))  # channels-last input
         self.pwconv1 = nn.Linear(dim, hidden_dim)
-        # 7x7: its weight gradient dominates the backward, hence the faster one
-        self.hidden_dwconv = ConvNHWC(hidden_dim, hidden_dim, MLP_HIDDEN_KERNEL_SIZE,
-                                      padding=MLP_HIDDEN_KERNEL_SIZE // 2, groups=hidden_dim, fast_backward=True)
+        self.hidden_dwconv = channels_last_weight_(ConvNHWC(hidden_dim, hidden_dim, MLP_HIDDEN_KERNEL_SIZE,
+                                                            padding=MLP_HIDDEN_KERNEL_SIZE // 2, groups=hidden_dim))
         self.pwconv2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
@@ -439,23 +335,6 @@ class ConvMlp(nn.Module):
         x = F.gelu(self.pwconv1(self.dwconv(self.norm(x))))
         return self.drop(self.pwconv2(self.hidden_dwconv(x)))
 
-    @torch.jit.unused
-    def forward_onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``forward`` with the pointwise convs through oneDNN (``layers.linear``; eager only).
-
-        Args:
-            x: (B, H, W, C)
-            residual: (B, H, W, C), only without autograd (eval): return ``residual + mlp(x)`` with the GELU and
-                the add fused into the GEMMs.
-        Returns:
-            (B, H, W, C)
-        """
-        x = self.dwconv(self.norm(x))
-        if residual is not None:
-            x = self.hidden_dwconv(linear_gelu(x, self.pwconv1))
-            return linear_add(x, self.pwconv2, residual)
-        x = F.gelu(linear(x, self.pwconv1, True))
-        return self.drop(linear(self.hidden_dwconv(x), self.pwconv2, True))
 
 
 class MGSSAFBlock(nn.Module):
@@ -474,10 +353,12 @@ class MGSSAFBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             fused_attn: bool = True,
+            attn_layer: Callable[..., nn.Module] = MultiGranularityAttention,
+            mlp_layer: Callable[..., nn.Module] = ConvMlp,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = MultiGranularityAttention(
+        self.attn = attn_layer(
             dim,
             num_heads=num_heads,
             num_global_heads=num_global_heads,
@@ -488,28 +369,13 @@ class MGSSAFBlock(nn.Module):
             proj_drop=drop,
             fused_attn=fused_attn,
         )
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # CPU float32: 1x1 convs through oneDNN (bias fused; in eval without autograd also the MLP's GELU and the
-        # residual adds). False: the plain modules (for tests).
-        self.use_onednn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H, W, C). The plain modules, or (``onednn_ok``: CPU float32,
-        eager) the same function through oneDNN."""
-        if self.use_onednn and onednn_ok(x, self.attn.proj.weight):
-            return self._forward_onednn(x)
+        """Args: x: (B, H, W, C). Returns: (B, H, W, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(x))
-
-    @torch.jit.unused
-    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn.attend(linear(self.norm1(x), self.attn.proj_qk, True))
-        if not self.training and not torch.is_grad_enabled():  # eval: no dropout or drop path
-            x = linear_add(a, self.attn.proj, x)
-            return self.mlp.forward_onednn(x, residual=x)
-        x = x + self.drop_path(self.attn.proj_drop(linear(a, self.attn.proj, True)))
-        return x + self.drop_path(self.mlp.forward_onednn(x))
 
 
 class PatchMerging(nn.Module):
@@ -524,20 +390,12 @@ class PatchMerging(nn.Module):
         self.pwconv1 = nn.Linear(dim, out_dim)
         self.pwconv2 = nn.Linear(out_dim, out_dim)
         self.shortcut = nn.Linear(dim, out_dim)
-        self.use_onednn = True  # as in MGSSAFBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H/2, W/2, 2C)."""
-        if self.use_onednn and onednn_ok(x, self.pwconv1.weight):
-            return self._forward_onednn(x)
         shortcut = self.shortcut(self.norm(_avg_pool_nhwc(x, (self.stride, self.stride))))  # B, H/2, W/2, 2C
         x = self.dwconv(self.norm(x))  # B, H/2, W/2, C
         return self.pwconv2(F.gelu(self.pwconv1(x))) + shortcut
-
-    @torch.jit.unused
-    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = linear(self.norm(_avg_pool_nhwc(x, (self.stride, self.stride))), self.shortcut, True)
-        return gelu_mlp(self.dwconv(self.norm(x)), self.pwconv1, self.pwconv2, residual=shortcut)
 
 
 class MGSSAFStage(nn.Module):
@@ -635,6 +493,8 @@ class MGSSAF(nn.Module):
             drop_path_rate: float = 0.2,
             fused_attn: bool = True,
             use_checkpoint: bool = False,
+            attn_layer: Callable[..., nn.Module] = MultiGranularityAttention,
+            mlp_layer: Callable[..., nn.Module] = ConvMlp,
     ) -> None:
         """
         Args:
@@ -648,6 +508,8 @@ class MGSSAF(nn.Module):
             window_size: side of the local windows and of the pooled windows.
             head_hidden_dim: width of the 1x1 conv between pooling and classifier.
             fused_attn: use ``scaled_dot_product_attention`` for the strip heads (exact; False: matmuls).
+            attn_layer: the attention class of every block (see "Swapping parts" in the module docstring).
+            mlp_layer: the MLP class of every block.
         """
         super().__init__()
         num_stages = len(depths)
@@ -699,6 +561,8 @@ class MGSSAF(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]) + j],
                 fused_attn=fused_attn,
+                attn_layer=attn_layer,
+                mlp_layer=mlp_layer,
             ) for j in range(depths[i])]
             downsample = PatchMerging(dims[i], dims[i + 1]) if i < num_stages - 1 else None
             self.layers.append(MGSSAFStage(blocks, downsample))

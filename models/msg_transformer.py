@@ -54,25 +54,24 @@ Every parameter is in the graph of the logits, but in the very last block the pa
 ``relative_position_bias_table`` and ``rel_pos_msg[:, 0]``) only reach patch tokens the head discards, so
 their gradient is exactly zero (as in the official model); ``forward_intermediates`` does use them.
 
-Speed (exact shortcuts, same function)
---------------------------------------
+Shortcuts (exact, same function)
+--------------------------------
 * The head reads only the last stage's MSG tokens, so ``forward`` / ``forward_features`` run the very last
-  block for the MSG query rows only (keys and values from every token; ``msg_only``); ``forward_intermediates``
-  runs it in full where it returns the last stage's map (and, for its final features, once more for the MSG
-  rows: they are then ``forward_features``' bit for bit). With ``drop_rate > 0`` that block's dropout draws masks
-  for fewer rows (other masks).
-* On CPU in float32 the GEMMs go through oneDNN with the bias fused (``torch.ops.mkldnn._linear_pointwise``;
-  in training with ``F.linear``'s backward); in eval without autograd also the exact-erf GELU after ``fc1``
-  and the residual adds after ``proj`` / ``fc2`` are fused into the GEMMs; in training without dropout the MLP
-  is one autograd function (``layers.gelu_mlp``) that saves no GELU output and recomputes it in the backward
-  (~10% less peak training memory for T). ``MSGBlock.use_onednn = False`` restores the plain modules. Drop
-  path and its residual add are one ``addcmul`` (timm's random draws).
+  block for the MSG query rows only (keys and values from every token; ``msg_only``; ``msg_rows_only = False`` on
+  the model turns it off, as ``models.cost`` does to count the official MACs). ``forward_intermediates`` runs it in
+  full where it returns the last stage's map (and, for its final features, once more for the MSG rows: they are
+  then ``forward_features``' bit for bit). With ``drop_rate > 0`` that block's dropout draws masks for fewer rows.
 * The downsample convs, which read channels-last views, keep channels-last weights (no reorder per call).
-* Under a ``TorchDispatchMode`` (e.g. the FLOP counter) the plain full path runs, so MACs are the official's.
-* Scripted (``torch.jit.script``) or traced (``torch.fx``, timm's feature extraction; ``torch.jit.trace``) the
-  model takes the plain full path by itself (``layers.plain_only``): the shortcuts above are eager-only code
-  (``@torch.jit.unused``), and the two in-place helpers are single nodes of an fx graph.
-* ``torch.export`` (ONNX export), which traces under a dispatch mode too, keeps the MSG-only last block.
+* Faster CPU implementations of the stock blocks live apart (``models/cpu``) and are installed on a built model by
+  ``models.cpu.install``; this file is the reference and the GPU path.
+
+Swapping parts
+--------------
+``attn_layer`` (default ``MessengerAttention``) and ``mlp_layer`` (default timm's ``Mlp``) are the classes each
+block builds: ``attn_layer(dim, num_heads, window_size, qkv_bias=, qk_scale=, attn_drop=, proj_drop=, fused_attn=)``
+whose ``forward(x, msg_only=False)`` maps (B, nW, N, C) normed tokens to (B, nW, N or 1, C), and
+``mlp_layer(in_features=, hidden_features=, act_layer=, drop=)``. ``timm.create_model(name, attn_layer=MyAttention)``
+passes them through.
 
 Weight decay
 ------------
@@ -84,7 +83,7 @@ ape), and ``no_weight_decay_keywords()`` is the official ``{'relative_position_b
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -95,8 +94,8 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import (DropPath, Mlp, channels_last_weight_, gelu_mlp, linear, linear_add, msg_rows_only_ok, onednn_ok,
-                     plain_only, relative_position_index, to_2tuple, trunc_normal_, use_sdpa, window_reverse)
+from .layers import (DropPath, Mlp, channels_last_weight_, relative_position_index, to_2tuple, trunc_normal_,
+                     window_reverse)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -185,10 +184,8 @@ class MessengerAttention(nn.Module):
 
     The additive bias is the Swin relative-position bias between patches, ``rel_pos_msg[:, 0]`` on every
     patch query's MSG key and ``rel_pos_msg[:, 1]`` on every key of the MSG query (official layout).
-    ``fused_attn`` runs ``F.scaled_dot_product_attention`` with the bias as a float mask (except when training
-    on CPU, where no fused kernel returns the mask's gradient); otherwise plain matmuls + softmax (same
-    function, for debugging). ``MSGBlock``'s oneDNN path calls ``attend`` (everything between ``qkv`` and
-    ``proj``) so that it can run both GEMMs through oneDNN and fuse ``proj`` with the residual add.
+    ``fused_attn`` runs ``F.scaled_dot_product_attention`` with the bias as a float mask (on a GPU a fused kernel
+    that also returns the bias gradient); otherwise plain matmuls + softmax (the same function).
     """
 
     def __init__(
@@ -272,13 +269,13 @@ class MessengerAttention(nn.Module):
             q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
         Nq = q.shape[2]
         mask = bias.unsqueeze(0)  # 1, nH, Nq, N: 4-D (with a 3-D mask the CPU dispatcher takes the slow math kernel)
-        dropout_p = self.attn_drop.p if self.training else 0.
-        if self.fused_attn and use_sdpa(q, k, v, mask, self.scale, dropout_p):
+        if self.fused_attn:
+            dropout_p = self.attn_drop.p if self.training else 0.
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + mask  # B*nW, nH, Nq, N
             x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, Nq, hd
-        return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C (free after the CPU flash kernel)
+        return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C
 
     def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
         """Args: x: (B, nW, N, C) normed tokens, msg_only: see ``attend``. Returns: (B, nW, N or 1, C)."""
@@ -305,62 +302,25 @@ class MSGBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             fused_attn: bool = True,
+            attn_layer: Callable[..., nn.Module] = MessengerAttention,
+            mlp_layer: Callable[..., nn.Module] = Mlp,
     ) -> None:
         super().__init__()
         self.shuffle_size = shuffle_size  # 1: no shuffle (manip_type 'none' or a one-window group)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MessengerAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                       attn_drop=attn_drop, proj_drop=drop, fused_attn=fused_attn)
+        self.attn = attn_layer(dim, num_heads, window_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=drop, fused_attn=fused_attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        # CPU float32: GEMMs through oneDNN (bias fused; in eval without autograd also the GELU and the residual
-        # adds). False: the plain modules (for tests, or a CPU without oneDNN's fused linear, where it is off).
-        self.use_onednn = True
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
         """Args: x: (B, nW, N, C); msg_only: return the MSG tokens only, (B, nW, 1, C), computing attention
-        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention).
-
-        The plain modules, or (``onednn_ok``: CPU float32, eager) the same function through oneDNN."""
-        if self.use_onednn and onednn_ok(x, self.attn.qkv.weight):
-            return self._forward_onednn(x, msg_only)
+        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention)."""
         res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
         x = res + self.drop_path(self.attn(self.norm1(x), msg_only))  # fresh: the shuffle may write into it
         x = shuffle_msg_(x, self.shuffle_size)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    @torch.jit.unused
-    def _forward_onednn(self, x: torch.Tensor, msg_only: bool) -> torch.Tensor:
-        """``forward`` with the GEMMs through oneDNN (eager only; TorchScript compiles a stub)."""
-        res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
-        a = self.attn.attend(linear(self.norm1(x), self.attn.qkv, True), msg_only)  # B, nW, Nq, C
-        mlp = self.mlp
-        plain_mlp = (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity)
-                     and (not self.training or mlp.drop1.p == mlp.drop2.p == 0.))  # fc1 -> exact GELU -> fc2
-        if plain_mlp and not self.training and not torch.is_grad_enabled():
-            # Inference: no dropout or drop path; bias, GELU and residual adds fused into the GEMMs.
-            x = linear_add(a, self.attn.proj, res)  # a fresh tensor: the shuffle may write into it
-            x = shuffle_msg_(x, self.shuffle_size)
-            return gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2, residual=x)
-        x = self._residual(res, self.attn.proj_drop(linear(a, self.attn.proj, True)))  # fresh (for the shuffle)
-        x = shuffle_msg_(x, self.shuffle_size)
-        if plain_mlp:
-            return self._residual(x, gelu_mlp(self.norm2(x), mlp.fc1, mlp.fc2))
-        h = mlp.norm(mlp.drop1(mlp.act(linear(self.norm2(x), mlp.fc1, True))))  # timm Mlp, step by step
-        return self._residual(x, mlp.drop2(linear(h, mlp.fc2, True)))
-
-    @torch.jit.unused
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """x + drop_path(branch), a fresh tensor; timm's DropPath (same random draws) fused into one addcmul."""
-        dp = self.drop_path
-        if not isinstance(dp, DropPath) or not self.training or dp.drop_prob == 0.:
-            return x + dp(branch)
-        keep = 1. - dp.drop_prob
-        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)  # B, 1, 1, 1
-        if keep > 0. and dp.scale_by_keep:
-            mask.div_(keep)
-        return torch.addcmul(x, branch, mask)
 
 
 class PatchMerging(nn.Module):
@@ -422,6 +382,8 @@ class MSGStage(nn.Module):
             attn_drop: float,
             drop_path: Sequence[float],
             fused_attn: bool,
+            attn_layer: Callable[..., nn.Module] = MessengerAttention,
+            mlp_layer: Callable[..., nn.Module] = Mlp,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -429,7 +391,7 @@ class MSGStage(nn.Module):
         self.blocks = nn.ModuleList([
             MSGBlock(dim, num_heads, window_size, shuffle_size if shuffle_msgs else 1, mlp_ratio=mlp_ratio,
                      qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
-                     fused_attn=fused_attn)
+                     fused_attn=fused_attn, attn_layer=attn_layer, mlp_layer=mlp_layer)
             for i in range(depth)])
         self.downsample = None if next_shuffle_size is None else PatchMerging(
             dim, window_size, shuffle_size, next_shuffle_size)
@@ -516,6 +478,8 @@ class MSGTransformer(nn.Module):
         fused_attn: attention through ``F.scaled_dot_product_attention``; False: plain matmuls.
         use_checkpoint: gradient checkpointing per block (see ``set_grad_checkpointing``).
         decay_msg_tokens: weight decay on the MSG tokens, as the official recipe has it (see the module docstring).
+        attn_layer: the attention class of every block (see "Swapping parts" in the module docstring).
+        mlp_layer: the MLP class of every block.
     """
 
     def __init__(
@@ -542,6 +506,8 @@ class MSGTransformer(nn.Module):
             fused_attn: bool = True,
             use_checkpoint: bool = False,
             decay_msg_tokens: bool = True,
+            attn_layer: Callable[..., nn.Module] = MessengerAttention,
+            mlp_layer: Callable[..., nn.Module] = Mlp,
     ) -> None:
         super().__init__()
         depths, num_heads, shuffle_size = tuple(depths), tuple(num_heads), tuple(shuffle_size)
@@ -566,6 +532,8 @@ class MSGTransformer(nn.Module):
         # The final features are the last stage's MSG tokens (False after pruning below the last stage: then
         # they are the last kept stage's patch map).
         self.msg_features = True
+        # The last block computes only the MSG rows the head reads (exact; see the module docstring).
+        self.msg_rows_only = True
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f'layers.{i}')
                              for i, d in enumerate(dims)]
 
@@ -596,6 +564,8 @@ class MSGTransformer(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 fused_attn=fused_attn,
+                attn_layer=attn_layer,
+                mlp_layer=mlp_layer,
             ))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -742,7 +712,7 @@ class MSGTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chans, H, W). Returns: the final features, NHWC (see the class docstring)."""
         # The head reads the last stage's MSG tokens only: its last block computes just those rows (exact).
-        x, H, W, gs = self._forward_stages(x, msg_only=self.msg_features and msg_rows_only_ok())
+        x, H, W, gs = self._forward_stages(x, msg_only=self.msg_features and self.msg_rows_only)
         return self._final(x, H, W, gs, self.msg_features)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -786,7 +756,7 @@ class MSGTransformer(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         stop = max_index if stop_early else last
-        shortcuts = not plain_only()
+        shortcuts = self.msg_rows_only
         x, H, W = self._embed(x)
         intermediates = []
         msgs, gs = x, 1

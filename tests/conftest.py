@@ -41,9 +41,9 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def fused_cpu_kernels(monkeypatch):
-    """In-process tests run the fused CPU kernels wherever a model may (models/kernels.py; the environment wins
-    over MODEL.CPU_KERNELS), so that tests of the fast paths test them whatever this CPU would choose; tests of
-    the choice itself set other policies. Subprocesses start without it (``subprocess_env``): they choose."""
+    """In-process tests that install the CPU accelerators (models/cpu) run their fast candidates, so that the fast
+    paths are tested whatever this CPU would choose; tests of the choice itself set other policies. Subprocesses
+    start without it (``subprocess_env``): they choose."""
     monkeypatch.setenv('MSGSSAF_CPU_KERNELS', 'fused')
 
 

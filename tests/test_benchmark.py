@@ -468,11 +468,9 @@ def test_stages_command_on_our_model(capsys):
     assert 'official' not in out.split('\n', 1)[1]
 
 
-def test_stage_flops_count_the_msg_rows_our_last_block_computes(monkeypatch):
-    """Our MSG-Transformer's last block computes only the MSG rows the head reads; under the FLOP counter it would run
-    the official full path. The stage profile counts what it computes: less in stage 4, the same elsewhere."""
-    import contextlib
-
+def test_stage_flops_count_the_msg_rows_our_last_block_computes():
+    """Our MSG-Transformer's last block computes only the MSG rows the head reads (the official, and model_cost, run
+    it in full). The stage profile counts what it computes: less in stage 4, the same elsewhere."""
     import torch
 
     import tools.profile_ops as P
@@ -482,7 +480,7 @@ def test_stage_flops_count_the_msg_rows_our_last_block_computes(monkeypatch):
     torch.manual_seed(0)
     model, x = build_model(cfg), torch.randn(1, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
     rows_only = P.stage_flops(model, x, train=False)
-    monkeypatch.setattr(P, '_rows_as_run', lambda m: contextlib.nullcontext())
+    model.msg_rows_only = False
     full = P.stage_flops(model, x, train=False)
     assert len(rows_only) == 6 and rows_only[:4] == full[:4] and rows_only[5] == full[5]
     assert 0 < rows_only[4] < full[4]

@@ -349,26 +349,6 @@ def test_relative_position_index_matches_swin():
 
 # ----------------------------------------------------------------------------- CPU fast paths
 
-def set_onednn(model: torch.nn.Module, enable: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, MSGBlock):
-            m.use_onednn = enable
-
-
-@pytest.mark.parametrize('fused', (True, False), ids=('fused', 'plain'))
-def test_onednn_inference_path_matches_plain_modules(fused):
-    # Eval without autograd: bias, GELU and residual adds fused into oneDNN GEMMs; same function as the modules.
-    torch.manual_seed(0)
-    model = MSGTransformer(**TINY, fused_attn=fused).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        fast = model.forward_features(x), model(x), model.forward_intermediates(x, intermediates_only=True)
-        set_onednn(model, False)
-        plain = model.forward_features(x), model(x), model.forward_intermediates(x, intermediates_only=True)
-    for a, b in zip(fast[:2] + tuple(fast[2]), plain[:2] + tuple(plain[2])):
-        assert rel_err(a, b) <= 1e-6
-
-
 def test_gradients_have_their_parameters_strides():
     # DDP copies each gradient into a bucket laid out like its parameter and warns ("Grad strides do not match
     # bucket view strides") when the strides differ, even only on a size-1 dim (TINY has a 1-head stage).
@@ -413,30 +393,6 @@ def test_msg_only_last_block_matches_the_full_block_in_training():
     assert sorted(out['msg_only'][1]) == sorted(out['full'][1])  # every parameter still gets a gradient
     for n, g in out['full'][1].items():
         torch.testing.assert_close(out['msg_only'][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
-
-
-@pytest.mark.parametrize('drop_rate', (0.0, 0.1), ids=('fused-mlp', 'dropout'))
-def test_onednn_training_path_matches_plain_modules(drop_rate):
-    # Training: GEMMs through oneDNN with F.linear's backward, and without dropout the MLP as one function that
-    # recomputes its GELU in the backward; same outputs and gradients as the modules.
-    torch.manual_seed(0)
-    model = MSGTransformer(**TINY, drop_rate=drop_rate, drop_path_rate=0.2).train()
-    x = torch.randn(2, 3, 64, 64)
-    g_fast = grads(model, x, seed=3)
-    set_onednn(model, False)
-    g_plain = grads(model, x, seed=3)
-    assert sorted(g_fast) == sorted(g_plain)
-    for n in g_plain:
-        torch.testing.assert_close(g_fast[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def test_fused_mlp_refuses_a_second_backward():
-    # Its backward reuses the saved buffers: a retain_graph second pass must fail loudly, not return garbage.
-    model = MSGTransformer(**TINY).train()
-    loss = model(torch.randn(1, 3, 64, 64)).sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match='second backward'):
-        loss.backward()
 
 
 @pytest.mark.parametrize('group_size', (1, 2))

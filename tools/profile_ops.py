@@ -300,7 +300,7 @@ def gemms_in_context(model, x, train: bool, steps: int = 3) -> Tuple[float, floa
     import torch.nn.functional as F
     calls: Dict[tuple, List[float]] = {}
     recording = [False]
-    from models.layers import _DNNL_LINEAR  # oneDNN's linear exists in this build
+    from models.cpu.ops import ONEDNN_LINEAR as _DNNL_LINEAR  # oneDNN's linear exists in this build
     fns: Dict[str, Callable] = {'F.linear': F.linear, 'mm': torch.mm}
     if _DNNL_LINEAR:
         fns.update(linear_pointwise=torch.ops.mkldnn._linear_pointwise.default,
@@ -383,26 +383,19 @@ def stage_modules(model) -> List[Any]:
     return list(stages)
 
 
-def _rows_as_run(model) -> Any:
-    """A context in which our MSG-Transformer takes its MSG-rows-only last block under the FLOP counter too.
-
-    Outside the counter that block computes the rows the head reads only (``layers.msg_rows_only_ok``: exact, about
-    a quarter of the last block's products); under it the model runs the official full path, whose count would put
-    FLOPs in stage 4 that no exact implementation needs. Other models: nothing changes."""
-    import contextlib
-    from unittest import mock
-
-    from models import msg_transformer
-    if isinstance(model, msg_transformer.MSGTransformer):
-        return mock.patch.object(msg_transformer, 'msg_rows_only_ok', lambda: True)
-    return contextlib.nullcontext()
+def _ours(cfg):
+    """Our model of ``cfg`` as main.py runs it on CPU: with the CPU accelerators (``models.cpu``)."""
+    from models import build_model, cpu
+    model = build_model(cfg)
+    cpu.install(model)
+    return model
 
 
 def stage_flops(model, x, train: bool) -> List[float]:
     """FLOPs of one step by part, as ``time_stages`` divides a step (patch embedding; each stage from its input
     to the next stage's input; the rest): the FLOP counter's running total read at the stages' inputs in one
-    forward pass. Under the counter our models run the official products, less the last MSG block's rows that no
-    output reads (``_rows_as_run``): the least an exact implementation computes. A training step counts each
+    forward pass. Under the counter our models run their own products (MSG-Transformer's last block only for the rows
+    its head reads): the least an exact implementation computes. A training step counts each
     part's products 3 times (forward; the input and the weight gradient), the patch embedding's first one too
     although the image needs no gradient (under 1% of any model's total, 2-3% of an MG-SSAF patch embedding's): the
     counter's own backward counts are not used, as it counts a grouped convolution's backward as a dense one."""
@@ -410,7 +403,7 @@ def stage_flops(model, x, train: bool) -> List[float]:
     from torch.utils.flop_counter import FlopCounterMode
     stages = stage_modules(model)
     marks: List[float] = []
-    with FlopCounterMode(display=False) as counter, _rows_as_run(model):
+    with FlopCounterMode(display=False) as counter:
         def total() -> float:
             return float(sum(counter.flop_counts['Global'].values()))
         handles = [s.register_forward_pre_hook(lambda m, a: marks.append(total())) for s in stages]
@@ -506,10 +499,12 @@ def measure_stages(spec: dict, args: dict) -> dict:
     """Runs in a fresh process (``benchmark.run_isolated``): ``time_stages`` and ``stage_flops`` of one model,
     trained with the optimiser ``benchmark.py`` gives it."""
     import torch
-    from benchmark import _build, measure_machine, train_optimizer
+    from benchmark import _build, _install_cpu_accelerators, measure_machine, train_optimizer
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
     model, size, name, cfg = _build(spec, None)
+    if cfg is not None:
+        _install_cpu_accelerators(model)
     b = args['batch_size']
     x, target = torch.randn(b, 3, size, size), torch.randint(0, 10, (b,))
     opt = train_optimizer(model, cfg) if args['train'] else None
@@ -648,14 +643,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     from benchmark import _official_model, measure_machine
     from config import load_config_file
-    from models import build_model
     from utils import keep_freed_memory
     keep_freed_memory()
     machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
     cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
     x = torch.randn(args.batch_size, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
     ops = {'ours': {}, 'official': {}}
-    rows = [('ours', profile(build_model(cfg), x, args.steps, args.train, ops['ours'], args.by_shape))]
+    rows = [('ours', profile(_ours(cfg), x, args.steps, args.train, ops['ours'], args.by_shape))]
     if args.official:
         rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train,
                                          ops['official'], args.by_shape)))
@@ -684,7 +678,6 @@ def main_floor(args: argparse.Namespace) -> int:
     import torch
     from benchmark import measure_machine, measure_together
     from config import load_config_file
-    from models import build_model
     from utils import keep_freed_memory
     cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
     b, what = args.batch_size, 'train' if args.train else 'infer'
@@ -707,7 +700,7 @@ def main_floor(args: argparse.Namespace) -> int:
     machine = measure_machine({}, {'threads': args.threads, 'device': 'cpu', 'min_time': 2.0})
     torch.manual_seed(0)
     x = torch.randn(b, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
-    model = build_model(cfg)
+    model = _ours(cfg)
     kinds = replay_floor(record_products(model, x, args.train))
     in_model, alone, n_calls = gemms_in_context(model, x, args.train)
     step = ('training step (forward, loss, backward and optimiser step; the floor: forward and backward)'
