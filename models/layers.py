@@ -78,9 +78,9 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 
 def channels_last_weight_(conv: nn.Conv2d) -> nn.Conv2d:
     """Store ``conv``'s weight channels-last, for a conv that runs on channels-last inputs (NHWC maps seen as
-    NCHW): otherwise oneDNN (and cuDNN) reorder the weight at every call. The conv's weight gradient then has the
-    weight's own strides (DDP compares them literally, even the size-1 dim of a depthwise weight). Same shape and
-    values, so state_dicts are unchanged (``load_state_dict`` copies into the existing layout)."""
+    NCHW): otherwise the convolution backends reorder the weight at every call. The conv's weight gradient then
+    has the weight's own strides (DDP compares them literally, even the size-1 dim of a depthwise weight). Same
+    shape and values, so state_dicts are unchanged (``load_state_dict`` copies into the existing layout)."""
     w = conv.weight.data
     conv.weight.data = torch.empty_like(w, memory_format=torch.channels_last).copy_(w)  # canonical strides
     return conv

@@ -1,4 +1,5 @@
-"""benchmark.py measures what it says (its timings are not checked here: speed lives in the benchmark)."""
+"""bench/benchmark.py and bench/profile_ops.py measure what they say (their timings are not checked here: speed lives
+in the benchmark)."""
 import json
 import os
 import re
@@ -7,8 +8,9 @@ import time
 
 import pytest
 
-import benchmark
+from bench import benchmark
 
+pytestmark = pytest.mark.bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -236,7 +238,7 @@ def test_median_row_keeps_unmeasured_timings_empty():
 def test_profile_groups_the_gemms_and_bounds_the_gain():
     import torch
 
-    from tools.profile_ops import bound_lines, profile, top_lines
+    from bench.profile_ops import bound_lines, profile, top_lines
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
     ops = {}
@@ -278,7 +280,7 @@ def test_floor_replays_each_product_at_its_fastest_kernel():
     import torch
     import torch.nn.functional as F
 
-    from tools.profile_ops import _candidates, floor_lines, record_products, replay_floor
+    from bench.profile_ops import _candidates, floor_lines, record_products, replay_floor
 
     class Net(torch.nn.Module):                              # a conv, two linears, attention with and without SDPA
         def __init__(self):
@@ -330,7 +332,7 @@ def test_gemms_in_context_counts_each_python_gemm_call_and_restores_the_ops():
     import torch
     import torch.nn.functional as F
 
-    from tools.profile_ops import gemms_in_context
+    from bench.profile_ops import gemms_in_context
 
     class Net(torch.nn.Module):                              # F.linear, torch.mm, Tensor.mm and oneDNN's linear
         def __init__(self):
@@ -352,7 +354,7 @@ def test_gemms_in_context_counts_each_python_gemm_call_and_restores_the_ops():
 
 
 def test_floor_command_on_our_model(capsys):
-    from tools.profile_ops import main
+    from bench.profile_ops import main
     rc = main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', '--batch-size', '2',
                '--threads', '1', '--rounds', '1', '--min-time', '0.05'])
     out = capsys.readouterr().out
@@ -373,7 +375,7 @@ def test_floor_command_on_our_model(capsys):
                                             "--official: no 'no-such-checkout/models/msg_transformer.py'"),
                                            (['--cfg', 'missing.yaml'], "config file not found: 'missing.yaml'")])
 def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
-    from tools.profile_ops import main
+    from bench.profile_ops import main
     with pytest.raises(SystemExit) as e:
         main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--floor', *argv])
     err = capsys.readouterr().err
@@ -384,7 +386,7 @@ def test_profile_ops_bad_arguments_are_one_line(argv, message, capsys):
 def test_stage_profile_divides_a_step_at_the_stage_inputs():
     import torch
 
-    from tools.profile_ops import stage_flops, stage_lines, stage_parts, time_stages
+    from bench.profile_ops import stage_flops, stage_lines, stage_parts, time_stages
 
     class Sleep(torch.autograd.Function):               # identity, sleeping in the forward and in the backward
         @staticmethod
@@ -455,7 +457,7 @@ def test_stage_profile_divides_a_step_at_the_stage_inputs():
 
 
 def test_stages_command_on_our_model(capsys):
-    from tools.profile_ops import main
+    from bench.profile_ops import main
     rc = main(['--cfg', os.path.join(ROOT, 'configs', 'msg_demo.yaml'), '--stages', '--train', '--batch-size', '2',
                '--threads', '1', '--rounds', '1', '--steps', '1'])
     out = capsys.readouterr().out
@@ -473,7 +475,7 @@ def test_stage_flops_count_the_msg_rows_our_last_block_computes():
     it in full). The stage profile counts what it computes: less in stage 4, the same elsewhere."""
     import torch
 
-    import tools.profile_ops as P
+    import bench.profile_ops as P
     from config import load_config_file
     from models import build_model
     cfg = load_config_file(os.path.join(ROOT, 'configs', 'msg_demo.yaml'))

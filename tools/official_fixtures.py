@@ -10,6 +10,8 @@ Writes, into ``tests/fixtures/``:
   update index), for the commands of the official READMEs on ImageNet-1k (1,281,167 training images; a padded
   ``DistributedSampler`` and a loader that drops the last partial batch), plus the other schedulers and
   gradient accumulation.
+* ``official_saved_bytes.json``: the bytes the official T models save for backward in a training forward at batch 32
+  under float16 autocast, on fake CUDA tensors (``bench/fake_cuda.py``, which measures ours the same way).
 * ``official_{msg,mgssaf}_train.pth``: training checkpoints written by the official ``save_checkpoint`` after a few
   official optimiser steps on random data, for tiny configurations of the official models (MSG-Transformer at
   64x64; MG-SSAF at 224x224, the only size the official code takes), with an official float16 scaler state.
@@ -200,6 +202,26 @@ def training_checkpoints(msg_root: str, mgssaf_root: str) -> None:
         print(f'{name}: {os.path.getsize(os.path.join(FIXTURES, name)) / 1024:.0f} KB')
 
 
+def saved_bytes_fixture(msg_root: str, mgssaf_root: str) -> None:
+    """``official_saved_bytes.json``: the official T models' activation memory at batch 32, float16 (fake CUDA)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from bench.benchmark import _official_model
+    from bench.fake_cuda import saved_bytes
+    from config import load_config_file
+    batch, out = 32, {}
+    for name, cfg_file, root in (('msg_tiny', 'msg_tiny_p4_win7_224.yaml', msg_root),
+                                 ('mgssaf_tiny', 'MG-SSAF/MG-SSAF-T.yaml', mgssaf_root)):
+        cfg = load_config_file(os.path.join(ROOT, 'configs', cfg_file), ['MODEL.DROP_PATH_RATE', '0.0'])
+        out[name] = saved_bytes(lambda: _official_model(cfg, root), batch, cfg.DATA.IMG_SIZE, torch.float16)
+    doc = {'batch_size': batch, 'dtype': 'float16', 'img_size': 224, 'saved_bytes': out,
+           'note': 'saved-for-backward bytes of one training forward of the official model on fake CUDA; '
+                   'tools/official_fixtures.py --saved-bytes-only'}
+    with open(os.path.join(FIXTURES, 'official_saved_bytes.json'), 'w') as f:
+        json.dump(doc, f, indent=1)
+    print(f'official_saved_bytes.json: {out}')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--official-msg', help='checkout of hustvl/MSG-Transformer')
@@ -207,6 +229,7 @@ def main() -> None:
     parser.add_argument('--timm-msg', help='timm source root for the MSG-Transformer scheduler (its pin: 0.3.2)')
     parser.add_argument('--timm-mgssaf', help='timm source root for the MG-SSAF scheduler (its pin: 0.4.12)')
     parser.add_argument('--checkpoints-only', action='store_true', help='only the training checkpoints')
+    parser.add_argument('--saved-bytes-only', action='store_true', help='only official_saved_bytes.json')
     parser.add_argument('--_traces-for', help=argparse.SUPPRESS)
     parser.add_argument('--_root', help=argparse.SUPPRESS)
     parser.add_argument('--_out', help=argparse.SUPPRESS)
@@ -219,6 +242,9 @@ def main() -> None:
     if args.checkpoints_only:
         training_checkpoints(args.official_msg, args.official_mgssaf)
         return
+    if args.saved_bytes_only:
+        saved_bytes_fixture(args.official_msg, args.official_mgssaf)
+        return
     traces = lr_traces(args.official_msg, args.official_mgssaf, {'msg': args.timm_msg, 'mgssaf': args.timm_mgssaf})
     doc = {'imagenet_train_images': IMAGENET_TRAIN, 'epochs': 300, 'warmup_epochs': 20, 'multisteps': MULTISTEPS,
            'note': 'LR of optimiser update u (0-based) in the official training loop; tools/official_fixtures.py',
@@ -226,6 +252,7 @@ def main() -> None:
     with open(os.path.join(FIXTURES, 'official_lr_traces.json'), 'w') as f:
         json.dump(doc, f, separators=(',', ':'))
     training_checkpoints(args.official_msg, args.official_mgssaf)
+    saved_bytes_fixture(args.official_msg, args.official_mgssaf)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,10 @@
 """Where the time of a forward pass (or training step) goes, by kind of op, ours beside the official model.
 
-    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
+    python bench/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] \
         [--batch-size 8] [--threads 2] [--train] [--steps 3] [--top 12]
-    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --floor \
+    python bench/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --floor \
         [--train] [--rounds 3] [--min-time 2] [--targets 1.3 2.0] [--keep-freed-memory]
-    python tools/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --stages \
+    python bench/profile_ops.py --cfg configs/msg_tiny_p4_win7_224.yaml [--official ../MSG-Transformer] --stages \
         [--train] [--rounds 3] [--steps 3] [--targets 1.2]
 
 Runs ``--steps`` profiled passes after two warm-ups (``torch.profiler``, CPU) and sums the self time of the
@@ -18,7 +18,7 @@ every implementation.
 overhead: it records every GEMM, attention product and convolution of one pass of our model (shapes and
 arguments), times each alone with the kernels PyTorch offers for it here (``_candidates``: oneDNN or MKL;
 contiguous or channels-last), keeps the fastest, and sums them: the floor. Both models are timed unprofiled as
-``benchmark.py`` times them (together, chunk by chunk, in ``--rounds`` pairs of fresh processes; medians).
+``bench/benchmark.py`` times them (together, chunk by chunk, in ``--rounds`` pairs of fresh processes; medians).
 ``official / floor`` is about the most an implementation computing our products with these kernels could gain if
 everything else (norms, softmax, GELU, copies, memory traffic between ops) took no time; for each target ratio the
 lines say how many ms that leaves above the floor. Alone, an op's inputs and output stay in cache and its buffers
@@ -497,9 +497,9 @@ def time_stages(model, x, target, opt, steps: int) -> Tuple[List[float], List[fl
 
 def measure_stages(spec: dict, args: dict) -> dict:
     """Runs in a fresh process (``benchmark.run_isolated``): ``time_stages`` and ``stage_flops`` of one model,
-    trained with the optimiser ``benchmark.py`` gives it."""
+    trained with the optimiser ``bench/benchmark.py`` gives it."""
     import torch
-    from benchmark import _build, _install_cpu_accelerators, measure_machine, train_optimizer
+    from bench.benchmark import _build, _install_cpu_accelerators, measure_machine, train_optimizer
     torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
     model, size, name, cfg = _build(spec, None)
@@ -558,7 +558,7 @@ def stage_lines(rows: Dict[str, dict], parts: List[str], peak_gflops: float,
 def main_stages(args: argparse.Namespace) -> int:
     """``--stages``: each model's stage profile, in fresh processes (``--rounds``, alternating; per part the median
     of the rounds' medians), beside this CPU's matmul peak."""
-    from benchmark import measure_machine, run_isolated
+    from bench.benchmark import measure_machine, run_isolated
     specs = {'ours': {'kind': 'cfg', 'name': args.cfg}}
     if args.official:
         specs['official'] = {'kind': 'official', 'name': args.cfg, 'root': args.official}
@@ -627,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not os.path.isfile(args.cfg):
         parser.error(f"config file not found: '{args.cfg}'")
     if args.official:  # before any work: the official file this config needs
-        from benchmark import official_model_file
+        from bench.benchmark import official_model_file
         from config import load_config_file
         path = official_model_file(load_config_file(args.cfg), args.official)
         if not os.path.isfile(path):
@@ -641,7 +641,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return main_stages(args)
     import torch
     torch.set_num_threads(args.threads)
-    from benchmark import _official_model, measure_machine
+    from bench.benchmark import _official_model, measure_machine
     from config import load_config_file
     from utils import keep_freed_memory
     keep_freed_memory()
@@ -673,10 +673,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def main_floor(args: argparse.Namespace) -> int:
-    """``--floor``: ours and the official timed as ``benchmark.py`` times them (fresh processes, timed together chunk
+    """``--floor``: ours and the official timed as ``bench/benchmark.py`` times them (fresh processes, timed together chunk
     by chunk), then our model's products recorded and replayed alone (``replay_floor``)."""
     import torch
-    from benchmark import measure_machine, measure_together
+    from bench.benchmark import measure_machine, measure_together
     from config import load_config_file
     from utils import keep_freed_memory
     cfg = load_config_file(args.cfg, ['MODEL.DROP_PATH_RATE', '0.0'])
