@@ -6,6 +6,7 @@
         [--official-msg ../MSG-Transformer --official-mgssaf ../MG-SSAF]   # side by side with the official code
         [--baseline ../base]                # and with our own code of another commit (git worktree add ../base C)
         [--onnxruntime]                     # and each --cfg model exported to ONNX, in ONNX Runtime
+        [--saved-bytes]                     # and the GPU activation memory, on fake CUDA (bench/fake_cuda.py)
 
 Each model runs in a fresh process of its own (so peak memory is its own). Each of our models is timed together
 with its official one (and its ONNX Runtime session, and the same config built by the code of ``--baseline``, a
@@ -580,6 +581,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--baseline', default='', metavar='DIR',
                         help='also time each --cfg model as the code of another checkout of this repository at DIR '
                              'builds it (e.g. git worktree add DIR <commit>), in turns with this code')
+    parser.add_argument('--saved-bytes', action='store_true',
+                        help='also print the bytes a training forward saves for backward on a GPU, at --batch-size '
+                             'and --amp-dtype (float16 if unset), measured on fake CUDA tensors (bench/fake_cuda.py), '
+                             'beside the official models\' where their checkouts are given')
     parser.add_argument('--onnxruntime', action='store_true',
                         help='also time each --cfg model exported to ONNX in ONNX Runtime (float32; inference and '
                              'latency; needs requirements-onnx.txt)')
@@ -641,6 +646,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         if r.get('cpu_kernels'):
             print(f"{r['model']}: {r['cpu_kernels']}")
+    if ns.saved_bytes and ns.cfg:
+        from bench.fake_cuda import saved_bytes_table
+        for line in saved_bytes_table(ns.cfg, ns.official_msg, ns.official_mgssaf, ns.batch_size,
+                                      ns.amp_dtype or 'float16'):
+            print(line)
     if ns.json:
         with open(ns.json, 'w') as f:
             json.dump({'settings': args, 'machine': machine, 'results': rows}, f, indent=1)

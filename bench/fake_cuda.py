@@ -155,6 +155,29 @@ def saved_bytes(build, batch_size: int, img_size: int, dtype: torch.dtype) -> in
         return run(model, fake_input(mode, batch_size, 3, img_size, img_size), dtype).saved_bytes
 
 
+def saved_bytes_table(cfgs: list[str], official_msg: str = '', official_mgssaf: str = '', batch_size: int = 32,
+                      amp_dtype: str = 'float16') -> list[str]:
+    """Lines of a table: each config's saved-for-backward bytes at ``batch_size``, beside its official model's
+    (from a checkout, when given)."""
+    from bench.benchmark import _official_model
+    from config import load_config_file
+    from models import build_model
+    dtype = getattr(torch, amp_dtype)
+    lines = [f'saved-for-backward bytes of one training forward on fake CUDA, batch {batch_size}, {amp_dtype} '
+             f'autocast', f"{'model':24s} {'ours GiB':>9s} {'official GiB':>13s} {'ratio':>6s}"]
+    for path in cfgs:
+        cfg = load_config_file(path, ['MODEL.DROP_PATH_RATE', '0.0'])
+        size = cfg.DATA.IMG_SIZE
+        ours = saved_bytes(lambda: build_model(cfg), batch_size, size, dtype)
+        root = official_msg if cfg.MODEL.TYPE == 'msg' else official_mgssaf
+        off = saved_bytes(lambda: _official_model(cfg, root), batch_size, size, dtype) if root else None
+        line = f'{cfg.MODEL.NAME:24s} {ours / GIB:9.3f}'
+        if off:
+            line += f' {off / GIB:13.3f} {ours / off:5.2f}x'
+        lines.append(line)
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='saved-for-backward bytes on fake CUDA, ours beside the official')
     parser.add_argument('--cfg', nargs='+', required=True, help='YAML configs of our models')
@@ -163,22 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default='float16')
     args = parser.parse_args(argv)
-    from bench.benchmark import _official_model
-    from config import load_config_file
-    from models import build_model
-    dtype = getattr(torch, args.amp_dtype)
-    print(f'saved-for-backward bytes of one training forward on fake CUDA, batch {args.batch_size}, '
-          f'{args.amp_dtype} autocast')
-    print(f"{'model':24s} {'ours GiB':>9s} {'official GiB':>13s} {'ratio':>6s}")
-    for path in args.cfg:
-        cfg = load_config_file(path, ['MODEL.DROP_PATH_RATE', '0.0'])
-        size = cfg.DATA.IMG_SIZE
-        ours = saved_bytes(lambda: build_model(cfg), args.batch_size, size, dtype)
-        root = args.official_msg if cfg.MODEL.TYPE == 'msg' else args.official_mgssaf
-        off = saved_bytes(lambda: _official_model(cfg, root), args.batch_size, size, dtype) if root else None
-        line = f'{cfg.MODEL.NAME:24s} {ours / GIB:9.3f}'
-        if off:
-            line += f' {off / GIB:13.3f} {ours / off:5.2f}x'
+    for line in saved_bytes_table(args.cfg, args.official_msg, args.official_mgssaf, args.batch_size, args.amp_dtype):
         print(line)
     return 0
 
