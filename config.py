@@ -115,6 +115,7 @@ _C.TRAIN.USE_CHECKPOINT = False      # gradient checkpointing per block
 _C.TRAIN.COMPILE = False             # torch.compile the model (falls back to eager on failure)
 _C.TRAIN.KEEP_CHECKPOINTS = 3        # ckpt_epoch_*.pth kept in OUTPUT, 0 = all (best.pth is kept apart)
 _C.TRAIN.MAX_NONFINITE_STEPS = 10    # stop after this many non-finite losses in a row
+_C.TRAIN.TF32 = True                 # CUDA: float32 matmuls / convolutions in TF32 (AMP off); False: full float32
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'   # cosine | linear | step | multistep
@@ -645,6 +646,7 @@ RULES: dict[str, Rule] = {
     'TRAIN.COMPILE': Flag(),
     'TRAIN.KEEP_CHECKPOINTS': Int(0),
     'TRAIN.MAX_NONFINITE_STEPS': Int(1),
+    'TRAIN.TF32': Flag(),
     'TRAIN.LR_SCHEDULER.NAME': OneOf(SCHEDULERS, ignore_case=True),
     'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': Int(1),
     'TRAIN.LR_SCHEDULER.DECAY_RATE': Real('(0, 1]'),

@@ -57,6 +57,54 @@ def _memory_mb(device: torch.device) -> float:
     return current_rss_mb()
 
 
+class _Lagged:
+    """Device values read on the host one update later: each update queues a copy of them into pinned host memory
+    behind a CUDA event, and the next update reads it after that event, so the host never waits for the step it
+    has just queued (on the CPU the values are read at once)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == 'cuda'
+        self.pending: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
+
+    def push(self, values: torch.Tensor) -> None:
+        if not self.cuda:
+            self.pending = (values, None)
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (host, event)
+
+    def pop(self) -> Optional[list[float]]:
+        """The values pushed last (None if nothing was), waiting only for the work queued before that push."""
+        if self.pending is None:
+            return None
+        values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return values.tolist()
+
+
+def _poison_gradients_if(flag: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """Where ``flag`` (a device bool) is set, make one gradient element NaN, so that the GradScaler's ``unscale_``
+    finds the gradients non-finite and its step skips the update (and lowers the scale), with no host sync."""
+    grad = next(p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None)
+    grad.view(-1)[:1].add_(torch.where(flag, float('nan'), 0.).to(grad.dtype))
+
+
+def _skip_step_if(flag: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """Make the coming ``optimizer.step()`` (no GradScaler) a no-op where ``flag`` (a device bool) is set: on the
+    device for a fused optimizer (its ``found_inf``, the protocol GradScaler uses; cleared after the step), else by
+    dropping the gradients, which needs the host to read the flag (one sync)."""
+    if optimizer.defaults.get('fused'):
+        optimizer.found_inf = flag.float()
+        optimizer.grad_scale = None
+    elif flag.item():
+        optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
         *,
         config,
@@ -81,11 +129,15 @@ def train_one_epoch(
     ``clock`` places the LR schedule and the accumulation groups in the whole epoch (default: ``loader`` is the
     whole epoch). Only full accumulation groups make updates (as in the official loops). Before every batch the
     main process's RNGs are reseeded from (seed, rank, epoch, batch), so mixup and drop path draw the same numbers
-    after a resume as in an uninterrupted run. One host-device synchronisation per update (the flags that every
-    rank must agree on); metrics stay on the device until they are printed.
+    after a resume as in an uninterrupted run.
+
+    No host-device synchronisation per update: whether an update is skipped (a non-finite loss on any rank, or a
+    non-finite gradient) is decided on the device; the flags every rank must agree on (stop requested, updates
+    skipped in a row) are all-reduced on the device and read on the host one update later (``_Lagged``), so every
+    rank stops, or gives up on a diverging run, at the same update. Metrics stay on the device until printed.
 
     Updates ``state`` in place. Returns ``{'loss', 'lr', 'skipped_images', 'nonfinite_steps', 'stopped',
-    'time'}`` where ``loss`` is the mean over every sample seen by every rank.
+    'time'}`` where ``loss`` is the mean over every sample seen by every rank (None if no sample had a finite loss).
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -99,10 +151,24 @@ def train_one_epoch(
     # On the device: [sum of loss x samples, samples] over the epoch, and the latest / summed finite grad norms.
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     shown = torch.zeros(4, dtype=torch.float64, device=device)  # loss of the last update, grad norm, its sum, count
-    skipped_images, nonfinite_steps, stopped = 0, 0, False
+    # Skipped updates: in a row (as the checkpoint left it) and in this epoch.
+    nonfinite = torch.tensor([float(state.nonfinite_in_row), 0.], dtype=torch.float64, device=device)
+    skipped_images, stopped = torch.zeros((), dtype=torch.int64), False
     group_nonfinite = torch.zeros((), device=device)
+    lagged = _Lagged(device)
     optimizer.zero_grad(set_to_none=True)
     t_epoch = t_batch = time.time()
+
+    def check(flags: Optional[list[float]], at: int) -> bool:
+        """The agreed flags of an earlier update: raise if the run diverges; whether to stop."""
+        if flags is None:
+            return False
+        in_row, stop = int(flags[0]), flags[1] > 0
+        if in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
+            raise TrainingDiverged(f'{in_row} non-finite losses or gradients in a row at epoch {state.epoch} step '
+                                   f'{at}; lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD (the last good checkpoint '
+                                   f'is kept)')
+        return stop
 
     for i, (samples, targets, skipped) in enumerate(loader):
         idx = start + i
@@ -111,7 +177,7 @@ def train_one_epoch(
         seed_everything(derive_seed(config.SEED, rank, state.epoch, idx))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        skipped_images += int(skipped.sum())
+        skipped_images += skipped.sum().long()  # the loader's CPU tensors: read once, at the end
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
@@ -130,45 +196,42 @@ def train_one_epoch(
         if not is_update:
             continue
 
+        # One collective per update, on the device: a non-finite loss on any rank, and a stop asked of any rank.
+        agreed = all_reduce_sum(torch.stack([group_nonfinite.clamp(max=1),
+                                             group_nonfinite.new_full((), float(should_stop()))]))
+        group_nonfinite.zero_()
+        bad_loss = agreed[0] > 0  # then no rank updates
+        if scaler.is_enabled():
+            _poison_gradients_if(bad_loss, optimizer)
         # The gradients are all-reduced (DDP): their norm is the same on every rank. float16: unscale first, so an
         # overflow shows as a non-finite norm (the scaler then skips the step and lowers its scale).
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        # One collective and one synchronisation per update: did any rank see a non-finite loss, is the gradient
-        # non-finite, was any rank asked to stop.
-        flags = all_reduce_sum(torch.stack([group_nonfinite.clamp(max=1), (~torch.isfinite(grad_norm)).float(),
-                                            group_nonfinite.new_full((), float(should_stop()))])).tolist()
-        group_nonfinite.zero_()
-        bad_loss, bad_grad, stop_now = (f > 0 for f in flags)
-        if bad_loss or (bad_grad and not scaler.is_enabled()):
-            # A non-finite loss (on any rank), or a non-finite gradient without a scaler: skip on every rank.
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled():
-                scaler.update()  # unscale_ was called: the scaler must close this iteration
-            nonfinite_steps += 1
-            state.nonfinite_in_row += 1
-            what = 'loss' if bad_loss else 'gradient'
-            if logger:
-                logger.warning(f'non-finite {what} at epoch {state.epoch} step {idx}: update skipped on every rank '
-                               f'({state.nonfinite_in_row} in a row)')
-            if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
-                plural = 'losses' if bad_loss else 'gradients'
-                raise TrainingDiverged(f'{state.nonfinite_in_row} non-finite {plural} in a row at epoch {state.epoch}; '
-                                       f'lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD (the last good checkpoint is '
-                                       f'kept)')
-        else:
-            scaler.step(optimizer)  # float16 with an overflow: skipped by the scaler (normal early in training)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not bad_grad:
-                state.nonfinite_in_row = 0
-                shown[1:] = torch.stack([grad_norm.double(), shown[2] + grad_norm.double(), shown[3] + 1])
-                if model_ema is not None:
-                    model_ema.update(unwrap_model(model), step=state.num_updates)
+        finite_grad = torch.isfinite(grad_norm)
+        # Skipped for a non-finite loss, or (without a scaler, for which an overflow is normal) gradient.
+        skipped = bad_loss | (~finite_grad if not scaler.is_enabled() else torch.zeros_like(bad_loss))
+        if not scaler.is_enabled():
+            _skip_step_if(skipped, optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        for key in ('found_inf', 'grad_scale'):
+            optimizer.__dict__.pop(key, None)
+        optimizer.zero_grad(set_to_none=True)
+        # Skipped updates in a row (a float16 overflow leaves the count as it is) and in the epoch.
+        in_row = torch.where(skipped, nonfinite[0] + 1, torch.where(finite_grad, 0., nonfinite[0]))
+        nonfinite.copy_(torch.stack([in_row, nonfinite[1] + skipped.double()]))
+        norm = grad_norm.double()
+        good = finite_grad & ~skipped
+        shown[1:] = torch.where(good, torch.stack([norm, shown[2] + norm, shown[3] + 1]), shown[1:])
+        if model_ema is not None:
+            # Every update, as timm's train.py does: after a skipped one it moves towards the unchanged weights.
+            model_ema.update(unwrap_model(model), step=state.num_updates)
         shown[0] = loss.detach().double()
         state.num_updates += 1
         scheduler.step_update(clock.step_after(state.epoch, idx))
         state.step_in_epoch = idx + 1
+        stop_now = check(lagged.pop(), idx)  # the previous update's flags
+        lagged.push(torch.stack([nonfinite[0], agreed[1].double()]))
 
         batch_time.update((time.time() - t_batch) / accum)
         t_batch = time.time()
@@ -189,10 +252,14 @@ def train_one_epoch(
             break
 
     if not stopped:
+        # The last update's flags: a stop asked during it stops after the epoch (main.py checks again).
+        check(lagged.pop(), state.step_in_epoch - 1)
         state.step_in_epoch = n_batches
-    totals = all_reduce_sum(torch.cat([loss_sum, loss_sum.new_full((1,), float(skipped_images))])).tolist()
+    state.nonfinite_in_row = int(nonfinite[0].item())
+    nonfinite_steps = int(nonfinite[1].item())
+    totals = all_reduce_sum(torch.cat([loss_sum, loss_sum.new_full((1,), float(skipped_images.item()))])).tolist()
     return {
-        'loss': totals[0] / totals[1] if totals[1] > 0 else float('nan'),
+        'loss': totals[0] / totals[1] if totals[1] > 0 else None,
         'lr': optimizer.param_groups[0]['lr'],
         'skipped_images': int(totals[2]),
         'nonfinite_steps': nonfinite_steps,

@@ -161,6 +161,8 @@ def setup(args: argparse.Namespace) -> Run:
     rank, world_size = init_distributed(device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # as both official mains: fixed input sizes, convolutions tuned once
+        if config.TRAIN.TF32:  # float32 matmuls and convolutions on tensor cores (float32 runs: --disable_amp)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
     for note in config_notes():
         logger.info(note)
@@ -279,9 +281,10 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
     eval_model = compile_model(model, logger) if config.TRAIN.COMPILE else model
     if is_dist():
         # Buffers are constants (index tables): no broadcast per forward, as in the official code.
+        # Gradients as views of DDP's buckets: no copy into the buckets, one gradient-sized buffer less.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False,
-            broadcast_buffers=False)
+            broadcast_buffers=False, gradient_as_bucket_view=True)
     model = compile_model(model, logger) if config.TRAIN.COMPILE else model
     criterion = build_criterion(config, data.mixup_fn is not None)
     stop = StopRequest()
