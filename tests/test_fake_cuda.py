@@ -14,12 +14,12 @@ import torch
 
 import models  # noqa: F401
 from bench.fake_cuda import fake_cuda, fake_input, run, saved_bytes, to_fake_cuda
-from models.mg_ssaf import MultiGranularityAttention
+from models.mg_ssaf import AttentionFusion, MultiGranularityAttention
 from models.msg_transformer import MessengerAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [f'{family}_{size}' for family in ('msg_transformer', 'mg_ssaf') for size in ('tiny', 'small', 'base')]
-ATTENTIONS = (MessengerAttention, MultiGranularityAttention)
+ATTENTIONS = (MessengerAttention, MultiGranularityAttention, AttentionFusion)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
