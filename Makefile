@@ -1,6 +1,6 @@
 # make demo   - create .venv if missing, train a small model on real images (2 CPU processes), evaluate it
 # make test   - create .venv if missing, run the test suite, then timm's own model tests on our six models
-# make test-fast - the test suite without the speed tooling's tests (bench/) and timm's suite
+# make test-fast - the test suite without the speed tooling's tests (bench/, gpu_check) and timm's suite
 # make bench  - speed table for the T variants and Swin-T (see bench/benchmark.py)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) tools/run_timm_suite.py -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not bench'
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not bench' --deselect tests/test_gpu_check.py
 
 bench: $(STAMP)
 	$(PY) bench/benchmark.py --cfg configs/msg_tiny_p4_win7_224.yaml configs/MG-SSAF/MG-SSAF-T.yaml --timm swin_tiny_patch4_window7_224
