@@ -38,7 +38,7 @@ from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpo
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
                         training_checkpoint)
 from distributed import (agree_on_every_rank, any_rank, barrier, init_distributed, is_collective_failure, is_dist,
-                         launched, process_rank, resolve_device, shutdown)
+                         launched, process_rank, resolve_device, shutdown, slurm_environment)
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
@@ -397,6 +397,7 @@ def _report(e: BaseException, text: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_option(argv)
+    slurm_environment()  # srun without torchrun: the process's rank from Slurm
     try:
         return run(args)
     except USER_ERRORS as e:
