@@ -86,7 +86,7 @@ def test_workers_persist_across_epochs_and_end_with_the_run(digits_dir):
 
 def test_fast_crop_draws_the_same_crop_and_decodes_jpegs_at_reduced_size(monkeypatch):
     """The fast crop consumes the same random numbers as timm's (the rest of the pipeline is unchanged), asks the
-    JPEG decoder for a draft when the crop shrinks by 2x or more, and stays close to the exact pixels."""
+    JPEG decoder for a draft when the crop shrinks by 1.5x or more, and stays close to the exact pixels."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
     photo = photo.resize((500, 375), Image.BICUBIC)
