@@ -12,6 +12,7 @@ import itertools
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -87,21 +88,19 @@ class ShardShareSampler(ResumableShareSampler):
         self.starts = [0, *itertools.accumulate(self.lengths)][:-1]
 
     def share(self, epoch: int) -> list[int]:
-        order = torch.randperm(len(self.lengths), generator=self._generator(epoch)).tolist()
-        sequence = [(k, self.starts[k] + i) for k in order for i in range(self.lengths[k])]  # (shard, index)
-        total = len(sequence)
-        run = sequence[self.rank * total // self.world_size:(self.rank + 1) * total // self.world_size]
+        order = torch.randperm(len(self.lengths), generator=self._generator(epoch)).numpy()
+        lengths = np.asarray(self.lengths, dtype=np.int64)[order]
+        shard = np.repeat(order, lengths)                                           # shard of each position
+        index = np.concatenate([np.arange(self.starts[k], self.starts[k] + self.lengths[k]) for k in order])
+        total = len(index)
+        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        shard, index = shard[lo:hi], index[lo:hi]
+        first = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])                # where each shard's piece starts
+        bounds = np.r_[first[::self.window], len(index)]                            # windows of `window` pieces
         shuffle = self._generator(epoch, self.rank)
         out: list[int] = []
-        group: list[int] = []
-        shards: set[int] = set()
-        for shard, index in run:
-            if shard not in shards and len(shards) == self.window:
-                out.extend(group[k] for k in torch.randperm(len(group), generator=shuffle).tolist())
-                group, shards = [], set()
-            shards.add(shard)
-            group.append(index)
-        out.extend(group[k] for k in torch.randperm(len(group), generator=shuffle).tolist())
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out.extend(index[a + torch.randperm(int(b - a), generator=shuffle).numpy()].tolist())
         return _pad(out, self.num_samples)
 
 

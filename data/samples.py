@@ -53,12 +53,12 @@ class EncodedImages(Dataset):
     Attributes as torchvision's ``ImageFolder`` has them, for the logging helpers: ``root``, ``classes``,
     ``samples``, ``targets``."""
 
-    def __init__(self, root: str, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+    def __init__(self, root: str, samples: Optional[Sequence[tuple[str, int]]], classes: Sequence[str],
                  transform: Optional[Callable] = None, skip_corrupt: bool = False, lazy: bool = False,
                  logger: Optional[logging.Logger] = None) -> None:
         self.root = root
-        self.samples = list(samples)
-        self.targets = [label for _, label in self.samples]
+        self.samples = list(samples) if samples is not None else None   # None: the subclass knows its length
+        self.targets = [label for _, label in self.samples] if samples is not None else None
         self.classes = list(classes)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
@@ -89,8 +89,8 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
         index, seed = index if isinstance(index, tuple) else (index, None)
         skipped = 0
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
             try:
                 img, label = self.load(i, seed)
             except READ_ERRORS as e:

@@ -25,6 +25,7 @@ import struct
 from collections import OrderedDict
 from typing import Callable, Optional
 
+import numpy as np
 from PIL import Image
 
 from .build import DECODE_ERRORS, DataError, _mode_problem
@@ -127,13 +128,19 @@ class ShardImages(EncodedImages):
     def __init__(self, root: str, shards: list[str], lengths: list[int], classes: list[str],
                  transform: Optional[Callable] = None, skip_corrupt: bool = False, lazy: bool = False,
                  logger: Optional[logging.Logger] = None) -> None:
-        samples = [(f'{shard}#{k}', -1) for shard, n in zip(shards, lengths) for k in range(n)]
-        super().__init__(root, samples, classes, transform=transform, skip_corrupt=skip_corrupt, lazy=lazy,
-                         logger=logger)
+        super().__init__(root, None, classes, transform=transform, skip_corrupt=skip_corrupt, lazy=lazy, logger=logger)
         self.shards, self.lengths = shards, lengths
-        self.locations = [(s, k) for s, n in enumerate(lengths) for k in range(n)]  # index -> (shard, sample in it)
+        self.ends = np.cumsum(lengths)  # global index -> shard by bisection: no per-sample objects (forked workers)
         self._open: OrderedDict[int, object] = OrderedDict()
         self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, sample within it) of global sample ``index``."""
+        s = int(np.searchsorted(self.ends, index, side='right'))
+        return s, index - (int(self.ends[s - 1]) if s else 0)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, '_open': OrderedDict(), '_pid': -1}
@@ -155,7 +162,7 @@ class ShardImages(EncodedImages):
         return opened
 
     def read(self, index: int) -> tuple[bytes, int]:
-        s, k = self.locations[index]
+        s, k = self.locate(index)
         shard = self.shard(s)
         if k >= len(shard):
             raise OSError(f'the shard holds {len(shard)} samples, its index says {self.lengths[s]}')
@@ -173,7 +180,7 @@ class ShardImages(EncodedImages):
         return sample[images[0]].getvalue(), int(text)
 
     def describe(self, index: int) -> str:
-        s, k = self.locations[index]
+        s, k = self.locate(index)
         return f"#{k} of the shard '{self.shards[s]}'"
 
     def header_problems(self) -> list[tuple[str, str]]:
