@@ -7,9 +7,9 @@ conversion to float, the normalisation and random erasing run on the training de
 * the worker transform *is* that pipeline with its tensor tail removed (``ToTensor``, ``Normalize``,
   ``RandomErasing``), so every random draw before it is the same;
 * the device repeats the tail's arithmetic in the same order (``/255``, ``-mean``, ``/std`` in float32);
-* random erasing's rectangles are drawn in the worker by timm's own ``RandomErasing`` (on the ``meta`` device, where
-  filling costs nothing and draws no random numbers), and its noise is drawn with the worker's CPU generator state of
-  that moment, handed over with the sample: the same values, then copied into place on the device.
+* random erasing's rectangles are drawn in the worker by timm's own ``RandomErasing`` (a copy that fills with zeros,
+  which draws no random numbers), and its noise is drawn with the worker's CPU generator state of that moment,
+  handed over with the sample: the same values, then copied into place on the device.
 
 ``persistent_workers``: a loader's workers start once and serve every epoch; ``release_workers`` (data/build.py)
 ends them with the run.
@@ -70,8 +70,11 @@ class EraseRecorder:
     """timm's ``RandomErasing`` drawing its rectangles in the worker without filling them (``Erase`` per image)."""
 
     def __init__(self, erasing: RandomErasing) -> None:
+        # A copy whose fill is a (C, 1, 1) zero tensor: no noise drawn, no torch random numbers consumed; the
+        # rectangles come from Python's random module, as in the original.
         self.erasing = copy.copy(erasing)
-        self.erasing.device = 'meta'  # its fill: an empty tensor, no random numbers drawn
+        self.erasing.per_pixel = self.erasing.rand_color = False
+        self.erasing.device = 'cpu'
 
     def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, Optional[Erase]]:
         """img: (C, H, W) uint8. Returns it with its ``Erase`` (None when this image is not erased)."""
@@ -80,7 +83,7 @@ class EraseRecorder:
         self.erasing._erase(recorded, chan, height, width, torch.float32)
         if not recorded.rects:
             return img, None
-        # drawing on 'meta' consumed no torch random numbers: the state is the one the fill would have started from
+        # the zero fill consumed no torch random numbers: the state is the one the noise would have started from
         return img, Erase(tuple(recorded.rects), torch.default_generator.get_state())
 
 

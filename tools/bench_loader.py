@@ -16,9 +16,10 @@ process on one thread (``num_workers=0``): images/s is per core.
 * ours fast: ``DATA.FAST_DECODE``: JPEG draft mode and one crop-and-resize with a reducing gap.
 
 Timing in turns: after one warm-up chunk each, every round times one chunk (``--chunk`` images) of every pipeline,
-in an order rotated each round, so that a slow spell of a shared machine hits all of them. The table gives each
-pipeline's median images/s over the rounds with the spread (min..max), and its ratio to the official as the median of
-the per-round ratios.
+in an order rotated each round, so that a slow spell of a shared machine hits all of them. A chunk's rate is images
+per CPU-second of the measuring thread (``time.thread_time``: the work of one core, not the time other processes of
+a shared machine took from it; ``--wall`` for wall-clock seconds). The table gives each pipeline's median over the
+rounds with the spread (min..max), and its ratios as medians of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -110,12 +111,13 @@ def official(path: str, transform: Callable) -> Iterator:
     return (batch[0] for batch in _forever(loader))
 
 
-def time_chunk(batches: Iterator, images: int) -> float:
-    """Images/s of the next ``images`` images (whole batches) of ``batches``."""
-    n, t0 = 0, time.perf_counter()
+def time_chunk(batches: Iterator, images: int, clock: Callable[[], float] = time.thread_time) -> float:
+    """Images per second of ``clock`` for the next ``images`` images (whole batches) of ``batches``: per CPU-second
+    of this thread by default (what a core does, whatever else the machine runs), or per wall-clock second."""
+    n, t0 = 0, clock()
     while n < images:
         n += next(batches).shape[0]
-    return n / (time.perf_counter() - t0)
+    return n / (clock() - t0)
 
 
 def main() -> None:
@@ -124,7 +126,9 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=256, help='training images written')
     parser.add_argument('--rounds', type=int, default=12)
     parser.add_argument('--chunk', type=int, default=64, help='images timed per pipeline per round')
+    parser.add_argument('--wall', action='store_true', help='wall-clock seconds instead of CPU-seconds')
     args = parser.parse_args()
+    clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
     from tools.make_shards import make_shards
     from tools.make_zip import make_zip
@@ -146,21 +150,23 @@ def main() -> None:
         }
         names = list(pipelines)
         for name in names:
-            time_chunk(pipelines[name], args.chunk)  # warm-up: first decode, page cache, lazily built state
+            time_chunk(pipelines[name], args.chunk, clock)  # warm-up: first decode, page cache, lazily built state
         rates: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                rates[name].append(time_chunk(pipelines[name], args.chunk))
+                rates[name].append(time_chunk(pipelines[name], args.chunk, clock))
         base = rates['official (folder)']
         print(f'{args.images} JPEGs of {IMAGENET_TYPICAL[0]}x{IMAGENET_TYPICAL[1]}, batch {BATCH}, one thread, '
-              f'{args.rounds} rounds of {args.chunk} images per pipeline, in turns')
+              f'{args.rounds} rounds of {args.chunk} images per pipeline, in turns; '
+              f'{"wall-clock" if args.wall else "CPU"} seconds')
         print(f"{'pipeline':34s} {'img/s per core':>15s} {'min..max':>14s} {'/ official':>11s} {'/ ours folder':>14s}")
         for name in names:
             ratio = statistics.median(a / b for a, b in zip(rates[name], base))
             same = rates['ours fast, folder' if 'fast' in name else 'ours exact, folder']
             to_folder = statistics.median(a / b for a, b in zip(rates[name], same))
             spread = f'{min(rates[name]):.0f}..{max(rates[name]):.0f}'
-            print(f'{name:34s} {statistics.median(rates[name]):15.1f} {spread:>14s} {ratio:10.2f}x {to_folder:13.2f}x',
+            folder_ratio = f'{to_folder:13.2f}x' if name.startswith('ours') else f"{'-':>14s}"
+            print(f'{name:34s} {statistics.median(rates[name]):15.1f} {spread:>14s} {ratio:10.2f}x {folder_ratio}',
                   flush=True)
         from data import release_workers
         release_workers()
