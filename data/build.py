@@ -103,7 +103,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     drops alpha (the colour stored under transparent pixels is arbitrary: black, or leftovers of an edit) and
     reads float images as 0..255. Here 16-bit grey (``I;16*``, and ``I`` from PNG/PPM) is scaled by 255/65535,
     transparency (an alpha band or a PNG/GIF ``transparency`` entry) is composited over ``ALPHA_BACKGROUND``, and
-    float images (``F``) are taken as 0..1, the usual range of float images, and refused outside it."""
+    float images (``F``) are taken as 0..1, the usual range of float images, and refused outside it. ``img`` must be
+    loaded (``img.load()``): an RGB image is returned as it is."""
     problem = _mode_problem(img)
     if problem:
         raise UnsupportedImageError(problem)
@@ -111,8 +112,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in _WITH_ALPHA or (mode in _TO_RGB and 'transparency' in img.info):
         background = Image.new('RGBA', img.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, img.convert('RGBA')).convert('RGB')
+    if mode == 'RGB':
+        return img  # loaded by the caller: a copy would change nothing
     if mode in _TO_RGB:
-        return img.convert('RGB')  # for RGB a copy, as before: detached from the (closed) file
+        return img.convert('RGB')
     values = np.asarray(img)
     if mode == 'F':
         if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):

@@ -1,7 +1,8 @@
 """A loader that feeds the device: workers decode and augment, the device converts, normalises and erases.
 
-Data workers hand over 8-bit images, (B, C, H, W) uint8 in NCHW, as timm's ``PrefetchLoader`` expects them; the
-conversion to float, the normalisation and random erasing run on the training device (mixup already does, in
+Data workers hand over 8-bit images, (B, H, W, C) uint8 (NHWC: each image's pixels as Pillow holds them, one copy);
+the layout change to NCHW, the conversion to float, the normalisation and random erasing run on the training device
+(the job of timm's ``PrefetchLoader``) (mixup already does, in
 ``engine.train_one_epoch``). The pixels are exactly those of the all-CPU pipeline (``data.build.build_transform``):
 
 * the worker transform *is* that pipeline with its tensor tail removed (``ToTensor``, ``Normalize``,
@@ -28,10 +29,11 @@ import random
 import weakref
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import MaybePILToTensor, MaybeToTensor, RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms.functional import pil_modes_mapping
@@ -76,10 +78,10 @@ class EraseRecorder:
         self.erasing.per_pixel = self.erasing.rand_color = False
         self.erasing.device = 'cpu'
 
-    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, Optional[Erase]]:
-        """img: (C, H, W) uint8. Returns it with its ``Erase`` (None when this image is not erased)."""
+    def __call__(self, img: np.ndarray) -> tuple[np.ndarray, Optional[Erase]]:
+        """img: (H, W, C) uint8. Returns it with its ``Erase`` (None when this image is not erased)."""
         recorded = _Rectangles()
-        chan, height, width = img.shape
+        height, width, chan = img.shape
         self.erasing._erase(recorded, chan, height, width, torch.float32)
         if not recorded.rects:
             return img, None
@@ -128,8 +130,8 @@ class WorkerTransform(NamedTuple):
 def split_transform(full: transforms.Compose, fast: bool = False) -> WorkerTransform:
     """``full`` (``data.build.build_transform``) cut before its tensor tail; the tail's constants for the device.
 
-    The worker part ends with ``MaybePILToTensor`` (uint8, no scaling), followed by an ``EraseRecorder`` when the
-    tail erases. ``fast`` replaces a leading random resized crop by ``FastResizedCrop``."""
+    The worker part ends with ``ToHWC`` (uint8, no scaling), followed by an ``EraseRecorder`` when the tail
+    erases. ``fast`` replaces a leading random resized crop by ``FastResizedCrop``."""
     ops = list(full.transforms)
     cut = next(k for k, op in enumerate(ops) if isinstance(op, (MaybeToTensor, transforms.ToTensor)))
     tail = ops[cut + 1:]
@@ -142,27 +144,34 @@ def split_transform(full: transforms.Compose, fast: bool = False) -> WorkerTrans
         fast_crop = FastResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio)
         fast_crop.interpolation = crop.interpolation
         head[0] = fast_crop
-    worker = head + [MaybePILToTensor()] + ([EraseRecorder(erasing)] if erasing is not None else [])
+    worker = head + [ToHWC()] + ([EraseRecorder(erasing)] if erasing is not None else [])
     mean = tuple(float(m) for m in torch.as_tensor(normalize.mean).flatten())
     std = tuple(float(s) for s in torch.as_tensor(normalize.std).flatten())
     return WorkerTransform(transforms.Compose(worker), mean, std, erasing)
 
 
-def collate(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Optional[Erase]]]:
-    """``(image, target, skipped)`` samples, each image a (C, H, W) uint8 tensor or ``(tensor, Erase or None)``.
+class ToHWC:
+    """A PIL image as its (H, W, C) uint8 array (one copy of the pixels)."""
 
-    Returns (B, C, H, W) uint8 images, (B,) int64 targets, (B,) int64 skip counts, B ``Erase`` or None."""
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return np.asarray(img)
+
+
+def collate(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Optional[Erase]]]:
+    """``(image, target, skipped)`` samples, each image an (H, W, C) uint8 array or ``(array, Erase or None)``.
+
+    Returns (B, H, W, C) uint8 images, (B,) int64 targets, (B,) int64 skip counts, B ``Erase`` or None."""
     images, erases = [], []
     for img, _, _ in batch:
         img, erase = img if isinstance(img, tuple) else (img, None)
         images.append(img)
         erases.append(erase)
-    return (torch.stack(images), torch.tensor([b[1] for b in batch], dtype=torch.int64),
+    return (torch.from_numpy(np.stack(images)), torch.tensor([b[1] for b in batch], dtype=torch.int64),
             torch.tensor([b[2] for b in batch], dtype=torch.int64), erases)
 
 
 class DeviceLoader:
-    """Iterates a ``DataLoader`` of uint8 batches (``collate``) as ``(images, targets, skipped)`` on ``device``:
+    """Iterates a ``DataLoader`` of NHWC uint8 batches (``collate``) as ``(images, targets, skipped)`` on ``device``:
     images (B, C, H, W) float32, normalised and erased as the CPU pipeline would have. On CUDA the next batch is
     copied and prepared on a side stream while the current one is used (timm's ``PrefetchLoader``).
 
@@ -185,9 +194,10 @@ class DeviceLoader:
         raise AttributeError(name)
 
     def prepare(self, images: torch.Tensor, erases: Sequence[Optional[Erase]]) -> torch.Tensor:
-        """(B, C, H, W) uint8 on any device -> (B, C, H, W) float32 on ``self.device``: ``ToTensor``'s ``/255``,
+        """(B, H, W, C) uint8 on any device -> (B, C, H, W) float32 on ``self.device``: ``ToTensor``'s ``/255``,
         ``Normalize``'s ``-mean`` and ``/std``, then the recorded erasing."""
-        x = images.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # B, C, H, W
+        x = x.float().div_(255).sub_(self.mean).div_(self.std)
         for k, erase in enumerate(erases):
             if erase is not None:
                 self._erase(x[k], erase)

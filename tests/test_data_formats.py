@@ -130,7 +130,7 @@ def test_split_transform_keeps_the_head_of_the_pipeline():
     cfg = _cfg('unused')
     worker = split_transform(build_transform(cfg, True))
     names = [type(t).__name__ for t in worker.transform.transforms]
-    assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybePILToTensor',
+    assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'ToHWC',
                      'EraseRecorder']
     assert worker.mean == pytest.approx(cfg.DATA.MEAN) and worker.std == pytest.approx(cfg.DATA.STD)
 
@@ -309,3 +309,29 @@ def test_flat_val_map_takes_the_training_class_names(tmp_path, packed):
     (root / 'val_map.txt').write_text('\n'.join(rows) + '\n')
     data = build_loader(_cfg(str(root), 'DATA.ZIP_MODE', 'True'), 0, 1, train=False)
     assert data.class_names == [str(d) for d in range(10)] and len(data.dataset_val) == 50
+
+
+def test_bench_loader_times_every_pipeline_with_the_official_one(tmp_path):
+    """tools/bench_loader.py with a stand-in official checkout (its data/build.py's build_transform is imported as
+    the official one is): one row per pipeline, ratios to the official; a missing checkout is one error line."""
+    import subprocess
+    from conftest import PYTHON, ROOT, subprocess_env
+    official = tmp_path / 'official' / 'data'
+    official.mkdir(parents=True)
+    (official / '__init__.py').write_text('raise ImportError("the package __init__ must not be run")\n')
+    (official / 'build.py').write_text(
+        'from torchvision import transforms\n'
+        'def build_transform(is_train, config):\n'
+        '    return transforms.Compose([transforms.RandomResizedCrop(config.DATA.IMG_SIZE), transforms.ToTensor()])\n')
+    cmd = [PYTHON, os.path.join(ROOT, 'tools', 'bench_loader.py'), '--images', '32', '--rounds', '1', '--chunk', '32']
+    proc = subprocess.run(cmd + ['--official', str(tmp_path / 'official')], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(('official', 'ours'))]
+    assert [r.split('  ')[0] for r in rows] == [
+        'official (folder)', 'ours exact, folder', 'ours exact, zip', 'ours exact, shards', 'ours fast, folder',
+        'ours fast, zip', 'ours fast, shards', 'ours exact + device step on CPU']
+    assert rows[0].split()[-2:] == ['1.00x', '-'] and all(r.rstrip().endswith('x') for r in rows[1:])
+    missing = subprocess.run(cmd + ['--official', str(tmp_path / 'none')], cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: --official: no '")

@@ -130,6 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
+    official_tf = official_transform(args.official)  # a wrong --official fails before any work
     from tools.make_shards import make_shards
     from tools.make_zip import make_zip
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +140,7 @@ def main() -> None:
         zip_opts = ('DATA.ZIP_MODE', 'True', 'DATA.CACHE_MODE', 'no')
         fast = ('DATA.FAST_DECODE', 'True')
         pipelines = {
-            'official (folder)': official(folder, official_transform(args.official)),
+            'official (folder)': official(folder, official_tf),
             'ours exact, folder': ours(folder),
             'ours exact, zip': ours(os.path.join(tmp, 'zip'), *zip_opts),
             'ours exact, shards': ours(os.path.join(tmp, 'shards')),
