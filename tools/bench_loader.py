@@ -10,7 +10,8 @@ resized crop 224, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) a
 process on one thread (``num_workers=0``): images/s is per core.
 
 * official: the official MG-SSAF ``data/build.py`` ``build_transform`` (imported from ``--official``) with
-  torchvision's ``ImageFolder``: decode, augment, ToTensor, Normalize and random erasing on the CPU.
+  torchvision's ``ImageFolder``: decode, augment, ToTensor, Normalize and random erasing on the CPU. It runs with
+  our fix of timm's Posterize at 0 bits (``data/build.py``), without which current Pillow stops it mid-epoch.
 * ours exact: what a data worker of ours does (``data/device_loader.py``): decode, augment, uint8; normalisation
   and erasing run on the training device and are not counted (the ``+ device step on CPU`` row counts them here).
 * ours fast: ``DATA.FAST_DECODE``: JPEG draft mode and one crop-and-resize with a reducing gap.
@@ -130,6 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
+    import data.build  # noqa: F401 - timm's Posterize as old Pillow did it, for the official pipeline too (below)
     official_tf = official_transform(args.official)  # a wrong --official fails before any work
     from tools.make_shards import make_shards
     from tools.make_zip import make_zip
