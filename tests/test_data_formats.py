@@ -12,7 +12,7 @@ from PIL import Image
 
 from config import get_default_config, merge_opts
 from conftest import DEMO_CFG
-from data import DataError, build_loader, build_transform, release_workers
+from data import build_loader, build_transform, release_workers
 from data.build import SafeImageFolder, UnreadableImageError
 from data.device_loader import FastResizedCrop, split_transform
 from data.samplers import ContiguousSampler, ShardShareSampler, StridedShareSampler
