@@ -2,9 +2,9 @@
 point to: ``--zip --cache-mode part``, ``--fused_window_process``, ``--fused_layernorm``, throughput) runs as written.
 
 Every command is parsed as written (the launcher's arguments by torch's own launcher parser, ours by main.py's, the
-full-size configs read) and its meaning checked; each form then runs end to end on the CPU with the digits (the data
-path, the config file and the number of GPUs changed, nothing else), among them training from a zip and from tar
-shards under the launcher with 2 processes. The digits here are 280 training images, so that the commands' batch
+full-size configs read) and its meaning checked; the training forms then run end to end on the CPU with the digits
+(the data path, the config file and the number of GPUs changed, nothing else): from a zip and from tar shards under
+the launcher with 2 processes. The digits here are 280 training images, so that the commands' batch
 sizes (128 and 64 per process) fit two processes.
 """
 import os
@@ -111,7 +111,7 @@ def demo(tmp_path_factory):
     configs = {}
     for name, base in (('msg', 'msg_demo.yaml'), ('mgssaf', os.path.join('MG-SSAF', 'MG-SSAF-demo.yaml'))):
         path = root / f'{name}.yaml'
-        path.write_text(f"BASE: ['{os.path.join(ROOT, 'configs', base)}']\nDATA:\n  NUM_WORKERS: 1\n"
+        path.write_text(f"BASE: ['{os.path.join(ROOT, 'configs', base)}']\nDATA:\n  NUM_WORKERS: 0\n"
                         f"TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\nPRINT_FREQ: 50\n")
         configs[name] = str(path)
     return {'folder': digits_dir, 'zip': str(root / 'zip'), 'shards': str(root / 'shards'), 'root': str(root),
@@ -140,34 +140,22 @@ def _run(command: str, nproc: int, **paths) -> str:
 
 
 def test_mgssaf_b_command_trains_from_a_zip_with_the_part_cache_and_the_fused_switches(demo):
-    """MG-SSAF-B's training command (accumulation, checkpointing) with Swin's '--zip --cache-mode part' and the
-    fused-kernel switches; then the MG-SSAF evaluation command on its checkpoint, from the zip."""
+    """MG-SSAF-B's training command as written (2 processes, accumulation, checkpointing) with Swin's '--zip
+    --cache-mode part' and the fused-kernel switches."""
     out = os.path.join(demo['root'], 'out-b')
     log = _run(README['mgssaf train B'] + ' --zip --cache-mode part --fused_window_process --fused_layernorm '
                f'--output {out}', 2, **{'configs/MG-SSAF/MG-SSAF-B.yaml': demo['mgssaf'], '<imagenet-path>': demo['zip']})
     assert 'data (zip): train' in log and 'cache mode part' in log
     assert '--fused_window_process and --fused_layernorm: accepted' in log
     assert 'effective batch 256 (64 x 2 processes x 2 accumulation)' in log and 'Train: [0/1][2/2]' in log
-    ckpt = os.path.join(out, 'MG-SSAF-demo', 'default', 'ckpt_epoch_0.pth')
-    evaluated = _run(README['mgssaf eval'] + f' --zip --output {out}-eval', 2,
-                     **{'<config-file>': demo['mgssaf'], '<checkpoint>': ckpt, '<imagenet-path>': demo['zip']})
-    assert top1(evaluated) == [top1(log)[-1]] and 'on the 70 test images' in evaluated
+    assert len(top1(log)) == 1 and os.path.isfile(os.path.join(out, 'MG-SSAF-demo', 'default', 'ckpt_epoch_0.pth'))
 
 
-def test_msg_commands_train_and_evaluate_from_shards_with_two_and_three_processes(demo):
-    """The MSG-T training command with two processes from tar shards, then the MSG evaluation command with three
-    processes gives the logged top-1 (training from a zip with two processes: the MG-SSAF-B test above)."""
+def test_msg_command_trains_from_shards_with_two_processes(demo):
+    """The MSG-T training command from tar shards with two processes (the evaluation commands run in
+    tests/test_e2e.py, and one checkpoint's top-1 from a folder, a zip and shards in tests/test_data_formats.py)."""
     out = os.path.join(demo['root'], 'out-shards')
     log = _run(README['msg train T'] + f' --output {out}', 2,
                **{'configs/msg_tiny_p4_win7_224.yaml': demo['msg'], '<dataset-path>': demo['shards']})
     assert 'data (shards): train' in log and 'rank 0/2 on cpu' in log and 'Train: [0/1][1/1]' in log
-    ckpt = os.path.join(out, 'msg_demo', 'default', 'ckpt_epoch_0.pth')
-    evaluated = _run(README['msg eval'] + f' --output {out}-eval', 3,
-                     **{'<model-config>': demo['msg'], '<dataset-path>': demo['shards'], '<batch-size>': '7',
-                        '<checkpoint>': ckpt})
-    assert top1(evaluated) == [top1(log)[-1]] and 'on the 70 test images' in evaluated
-
-
-def test_throughput_command_runs(demo):
-    log = _run(README['swin throughput'], 1, **{'<config-file>': demo['msg'], '<imagenet-path>': demo['folder']})
-    assert re.search(r'batch_size 64 throughput [\d.]+ images/s .*float32', log)
+    assert len(top1(log)) == 1 and 'on the 70 test images' in log
