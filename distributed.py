@@ -26,9 +26,13 @@ def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list ('gpu[07-09,12],cpu3' -> 'gpu07'): ``scontrol show hostnames`` where
     Slurm's tools are installed, else the list's first entry expanded by hand."""
     if shutil.which('scontrol'):
-        out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
+        try:
+            out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True,
+                                 timeout=30)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # the list expanded by hand below
     m = re.match(r'([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)', nodelist)
     prefix, ranges, suffix = m.groups() if m else (nodelist, None, '')
     return prefix + (re.split('[-,]', ranges)[0] if ranges else '') + suffix

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as _timm_aa
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -425,10 +425,10 @@ def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = Non
 
 class Data(NamedTuple):
     """What ``build_loader`` returns; the training parts are None for evaluation-only runs."""
-    dataset_train: Optional[SafeImageFolder]
-    dataset_val: SafeImageFolder
-    loader_train: Optional[DataLoader]
-    loader_val: DataLoader
+    dataset_train: Optional[Dataset]   # SafeImageFolder, or data/samples.py's for zips, shards, the fast decode
+    dataset_val: Dataset
+    loader_train: Optional['DeviceLoader']   # data/device_loader.py: batches on the device
+    loader_val: 'DeviceLoader'
     mixup_fn: Optional[Mixup]
     class_names: list[str]
 
@@ -461,7 +461,7 @@ def release_workers() -> None:
 
 
 def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool, pin_memory: bool,
-            device: Optional[torch.device] = None, is_train: bool = False):
+            device: Optional[torch.device] = None, is_train: bool = False) -> 'DeviceLoader':
     """Workers hand uint8 images over and the device normalises and erases them (``data/device_loader.py``); they
     persist across epochs and end with the run (``release_workers``). Prefetch as PyTorch's default."""
     from .device_loader import make_loader, worker_transform
