@@ -46,6 +46,12 @@ _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.SKIP_CORRUPT = True          # training set only: skip unreadable images with a warning
+# Swin's zipped ImageNet (--zip): <path>/{train,val}.zip with {train,val}_map.txt; CACHE_MODE (--cache-mode) keeps
+# the encoded images in memory: 'no', 'full' (all of them on every rank) or 'part' (each rank its own share).
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'
+# Training crops decoded at reduced size (JPEG draft mode) and resized with a reducing gap: faster, other pixels.
+_C.DATA.FAST_DECODE = False
 _C.DATA.MEAN = (0.485, 0.456, 0.406)
 _C.DATA.STD = (0.229, 0.224, 0.225)
 
@@ -180,6 +186,10 @@ _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
+# The official fused CUDA kernels (--fused_window_process, --fused_layernorm): accepted so that the official commands
+# run as written; our window partitions and LayerNorm need no custom kernel, so they change nothing.
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
 
 
 def _closest(key: str, candidates: Iterable[str]) -> str:
@@ -345,6 +355,7 @@ FLAG_KEYS = {
     'device': 'DEVICE',
     'output': 'OUTPUT',
     'tag': 'TAG',
+    'cache_mode': 'DATA.CACHE_MODE',
 }
 # Switches (``store_true``): the key each one sets, and to what, when it is on.
 SWITCH_KEYS = {
@@ -353,6 +364,9 @@ SWITCH_KEYS = {
     'disable_amp': ('AMP_ENABLE', False),
     'eval': ('EVAL_MODE', True),
     'throughput': ('THROUGHPUT_MODE', True),
+    'zip': ('DATA.ZIP_MODE', True),
+    'fused_window_process': ('FUSED_WINDOW_PROCESS', True),
+    'fused_layernorm': ('FUSED_LAYERNORM', True),
 }
 
 
@@ -381,6 +395,10 @@ def update_config(config: CN, args: Any) -> None:
         if getattr(args, dest, None):
             _set_key(config, key, value)
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
+    fused = [f'--{flag}' for flag in ('fused_window_process', 'fused_layernorm') if getattr(args, flag, None)]
+    if fused:
+        _notes.append(f"{' and '.join(fused)}: accepted for the official commands; nothing to fuse here (window "
+                      f"partitions are reshapes, LayerNorm is PyTorch's)")
     config.freeze()
 
 
@@ -593,6 +611,9 @@ RULES: dict[str, Rule] = {
     'DATA.SKIP_CORRUPT': Flag(),
     'DATA.MEAN': Seq(_UNIT, length=RGB_CHANNELS),
     'DATA.STD': Seq(_POSITIVE, length=RGB_CHANNELS),
+    'DATA.ZIP_MODE': Flag(),
+    'DATA.CACHE_MODE': OneOf(('no', 'full', 'part')),
+    'DATA.FAST_DECODE': Flag(),
 
     'MODEL.TYPE': Text(empty=False),          # the registry names the known types when it builds (models/build.py)
     'MODEL.NAME': Text(empty=False),
@@ -692,6 +713,8 @@ RULES: dict[str, Rule] = {
     'EVAL_MODE': Flag(),
     'THROUGHPUT_MODE': Flag(),
     'LOCAL_RANK': Int(0),
+    'FUSED_WINDOW_PROCESS': Flag(),
+    'FUSED_LAYERNORM': Flag(),
 }
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import shutil
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,38 @@ import torch.distributed as dist
 from config import ConfigError
 
 _comm_device = torch.device('cpu')
+DEFAULT_MASTER_PORT = 29500  # torchrun's default
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ('gpu[07-09,12],cpu3' -> 'gpu07'): ``scontrol show hostnames`` where
+    Slurm's tools are installed, else the list's first entry expanded by hand."""
+    if shutil.which('scontrol'):
+        try:
+            out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True,
+                                 timeout=30)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # the list expanded by hand below
+    m = re.match(r'([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)', nodelist)
+    prefix, ranges, suffix = m.groups() if m else (nodelist, None, '')
+    return prefix + (re.split('[-,]', ranges)[0] if ranges else '') + suffix
+
+
+def slurm_environment(environ: os._Environ = os.environ) -> bool:
+    """Under ``srun`` with no launcher (one process per task, no RANK set): RANK, WORLD_SIZE and LOCAL_RANK from
+    SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, MASTER_ADDR the job's first node and MASTER_PORT 29500 unless set,
+    as DeiT's and ConvNeXt's ``init_distributed_mode`` read them. Returns whether it set them."""
+    if 'RANK' in environ or 'SLURM_PROCID' not in environ or 'SLURM_NTASKS' not in environ:
+        return False
+    environ['RANK'] = environ['SLURM_PROCID']
+    environ['WORLD_SIZE'] = environ['SLURM_NTASKS']
+    environ['LOCAL_RANK'] = environ.get('SLURM_LOCALID', '0')
+    nodes = environ.get('SLURM_STEP_NODELIST') or environ.get('SLURM_JOB_NODELIST') or environ.get('SLURM_NODELIST')
+    environ.setdefault('MASTER_ADDR', first_host(nodes) if nodes else '127.0.0.1')
+    environ.setdefault('MASTER_PORT', str(DEFAULT_MASTER_PORT))
+    return True
 
 
 def init_distributed(device: torch.device, timeout_s: int = 600) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpo
                         load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
                         training_checkpoint)
 from distributed import (agree_on_every_rank, any_rank, barrier, init_distributed, is_collective_failure, is_dist,
-                         launched, process_rank, resolve_device, shutdown)
+                         launched, process_rank, resolve_device, shutdown, slurm_environment)
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
@@ -49,7 +49,11 @@ def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
     parser.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
     parser.add_argument('--batch-size', type=int, help='batch size per process')
-    parser.add_argument('--data-path', type=str, help='path to dataset (with train/ and val/)')
+    parser.add_argument('--data-path', type=str, help='path to dataset: a folder with train/ and val/ (class folders '
+                                                      'or .tar shards), or with --zip the zips and their maps')
+    parser.add_argument('--zip', action='store_true', help="Swin's zipped data set: train.zip + train_map.txt, ...")
+    parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
+                        help='with --zip, keep images in memory: no, full (all), part (each process its own share)')
     parser.add_argument('--resume', help='resume from (or, with --eval, evaluate) this checkpoint')
     parser.add_argument('--pretrained', help='initialise from these weights for fine-tuning')
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
@@ -66,6 +70,9 @@ def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--eval', action='store_true', help='evaluate only')
     parser.add_argument('--throughput', action='store_true', help='measure throughput only')
     parser.add_argument('--debug', action='store_true', help='show Python tracebacks for user errors')
+    # The official fused-kernel switches: accepted, with a note in the log (nothing to fuse here).
+    parser.add_argument('--fused_window_process', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--fused_layernorm', action='store_true', help=argparse.SUPPRESS)
     # Accepted for the official launch commands; the process's LOCAL_RANK environment variable is used.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -402,6 +409,7 @@ def _report(e: BaseException, text: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_option(argv)
+    slurm_environment()  # srun without torchrun: the process's rank from Slurm
     try:
         return run(args)
     except USER_ERRORS as e:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as _timm_aa
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -103,7 +103,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     drops alpha (the colour stored under transparent pixels is arbitrary: black, or leftovers of an edit) and
     reads float images as 0..255. Here 16-bit grey (``I;16*``, and ``I`` from PNG/PPM) is scaled by 255/65535,
     transparency (an alpha band or a PNG/GIF ``transparency`` entry) is composited over ``ALPHA_BACKGROUND``, and
-    float images (``F``) are taken as 0..1, the usual range of float images, and refused outside it."""
+    float images (``F``) are taken as 0..1, the usual range of float images, and refused outside it. ``img`` must be
+    loaded (``img.load()``): an RGB image is returned as it is."""
     problem = _mode_problem(img)
     if problem:
         raise UnsupportedImageError(problem)
@@ -111,8 +112,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in _WITH_ALPHA or (mode in _TO_RGB and 'transparency' in img.info):
         background = Image.new('RGBA', img.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, img.convert('RGBA')).convert('RGB')
+    if mode == 'RGB':
+        return img  # loaded by the caller: a copy would change nothing
     if mode in _TO_RGB:
-        return img.convert('RGB')  # for RGB a copy, as before: detached from the (closed) file
+        return img.convert('RGB')
     values = np.asarray(img)
     if mode == 'F':
         if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
@@ -405,18 +408,27 @@ def build_mixup(config) -> Optional[Mixup]:
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
 
 
-def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = None) -> SafeImageFolder:
+def build_dataset(config, is_train: bool, logger: Optional[logging.Logger] = None) -> Dataset:
+    """A split of a folder data set, with the workers' part of ``build_transform`` (``data/device_loader.py``);
+    training with ``DATA.FAST_DECODE`` reads the same files as bytes, for the lazy decode."""
+    from .device_loader import worker_transform
+    from .samples import FileImages
     root = os.path.join(config.DATA.DATA_PATH, 'train' if is_train else 'val')
-    return SafeImageFolder(root, transform=build_transform(config, is_train),
-                           skip_corrupt=is_train and config.DATA.SKIP_CORRUPT, logger=logger)
+    transform = worker_transform(config, is_train).transform
+    skip = is_train and config.DATA.SKIP_CORRUPT
+    if is_train and config.DATA.FAST_DECODE:
+        listed = SafeImageFolder(root)
+        return FileImages(root, listed.samples, listed.classes, transform=transform, skip_corrupt=skip, lazy=True,
+                          logger=logger)
+    return SafeImageFolder(root, transform=transform, skip_corrupt=skip, logger=logger)
 
 
 class Data(NamedTuple):
     """What ``build_loader`` returns; the training parts are None for evaluation-only runs."""
-    dataset_train: Optional[SafeImageFolder]
-    dataset_val: SafeImageFolder
-    loader_train: Optional[DataLoader]
-    loader_val: DataLoader
+    dataset_train: Optional[Dataset]   # SafeImageFolder, or data/samples.py's for zips, shards, the fast decode
+    dataset_val: Dataset
+    loader_train: Optional['DeviceLoader']   # data/device_loader.py: batches on the device
+    loader_val: 'DeviceLoader'
     mixup_fn: Optional[Mixup]
     class_names: list[str]
 
@@ -440,31 +452,41 @@ def _exit_if_main_is_done(signum, frame) -> None:  # noqa: ARG001 - signal handl
 
 
 def release_workers() -> None:
-    """Call when the run ends (normally or not): data workers still alive then (e.g. of a loader caught in an
-    exception) take the SIGTERM of the interpreter's exit again, so the exit does not wait for them forever."""
+    """Call when the run ends (normally or not): the loaders' persistent workers are shut down, and any still alive
+    then (e.g. of a loader caught in an exception) take the SIGTERM of the interpreter's exit again, so the exit does
+    not wait for them forever."""
+    from .device_loader import close_loaders
     _MAIN_DONE.set()
+    close_loaders()
 
 
-def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool,
-            pin_memory: bool) -> DataLoader:
-    """Workers are not persistent: they end with each pass over the data, so none outlives the run (workers that
-    ignore SIGTERM must not be left for the interpreter's exit to terminate). Prefetch as PyTorch's default."""
-    workers = config.DATA.NUM_WORKERS
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop_last, worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None)
+def _loader(dataset: Dataset, sampler: Sampler, config, batch_size: int, drop_last: bool, pin_memory: bool,
+            device: Optional[torch.device] = None, is_train: bool = False) -> 'DeviceLoader':
+    """Workers hand uint8 images over and the device normalises and erases them (``data/device_loader.py``); they
+    persist across epochs and end with the run (``release_workers``). Prefetch as PyTorch's default."""
+    from .device_loader import make_loader, worker_transform
+    return make_loader(dataset, sampler, batch_size=batch_size, num_workers=config.DATA.NUM_WORKERS,
+                       drop_last=drop_last, pin_memory=pin_memory, device=device,
+                       worker=worker_transform(config, is_train),
+                       worker_init_fn=_leave_stop_signals_to_the_main_process)
 
 
 def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Logger] = None, train: bool = True,
                  device: Optional[torch.device] = None) -> Data:
     """The data of a run (evaluation and throughput runs need no training folder contents). Batches are pinned
-    when they go to a CUDA ``device`` (``DATA.PIN_MEMORY``), so the loops copy them with ``non_blocking=True``."""
+    when they go to a CUDA ``device`` (``DATA.PIN_MEMORY``), so the loops copy them with ``non_blocking=True``.
+    A zip (``--zip``) or tar shards are read by ``data/formats.py``."""
+    from .formats import build_encoded_loader, data_format
+    if data_format(config) != 'folder':
+        _MAIN_DONE.clear()
+        return build_encoded_loader(config, rank, world_size, logger, train=train, device=device)
     class_names = check_data_folder(config.DATA.DATA_PATH, config.MODEL.NUM_CLASSES,
                                     splits=('train', 'val') if train else ('val',))
     _MAIN_DONE.clear()  # a run starts: its workers leave SIGTERM to it
     pin = bool(config.DATA.PIN_MEMORY) and device is not None and device.type == 'cuda'
     dataset_val = build_dataset(config, is_train=False, logger=logger)
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size), config,
-                         config.DATA.BATCH_SIZE, drop_last=False, pin_memory=pin)
+                         config.DATA.BATCH_SIZE, drop_last=False, pin_memory=pin, device=device)
     if not train:
         if logger is not None:
             logger.info(f'data: val {describe_split(dataset_val)}')
@@ -482,5 +504,6 @@ def build_loader(config, rank: int, world_size: int, logger: Optional[logging.Lo
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set gives {len(sampler)} images per process, fewer than one batch of "
                         f"{config.DATA.BATCH_SIZE}; lower --batch-size")
-    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin)
+    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin,
+                           device=device, is_train=True)
     return Data(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config), class_names)

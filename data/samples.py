@@ -1,0 +1,121 @@
+"""Data sets of encoded images read as bytes (a zip member, a tar-shard member, a file), one base for all of them.
+
+``EncodedImages`` holds ``(where, label)`` per sample and leaves reading the bytes to its subclass. It keeps the
+promises of the folder data set (``data.build.SafeImageFolder``): indices may come as ``(index, seed)`` from the
+resumable samplers (the sample's random transforms then draw from that seed alone), every image becomes 8-bit RGB
+by ``to_rgb``, and an image that cannot be read or decoded is, in training, replaced by the next readable one and
+counted (``(image, target, skipped)``), in evaluation an error naming it.
+
+With ``lazy=True`` the transform gets the image opened but not decoded (``data.device_loader.FastResizedCrop`` then
+decodes only what its crop needs); a decode failure in that transform arrives as ``DecodeFailed``.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+import zipfile
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .build import DECODE_ERRORS, DataError, UnreadableImageError, to_rgb
+from utils import seed_cpu_generators
+
+
+class DecodeFailed(Exception):
+    """Raised by a transform that decodes a lazily opened image, for an image that cannot be decoded."""
+
+
+# What reading and decoding one sample may raise for a bad sample (not for a bug in the transforms).
+READ_ERRORS = DECODE_ERRORS + (zipfile.BadZipFile, DecodeFailed, EOFError)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """The image encoded in ``data``, decoded, as 8-bit RGB."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+def open_lazy(data: bytes) -> Image.Image:
+    """The image encoded in ``data`` with its header read and its pixels not yet decoded."""
+    return Image.open(io.BytesIO(data))
+
+
+class EncodedImages(Dataset):
+    """Samples ``(where, label)``; subclasses implement ``read(index) -> (bytes, label)`` and may override
+    ``describe``; the label read wins over the listed one (``targets``), which only tar shards do not know before.
+
+    Attributes as torchvision's ``ImageFolder`` has them, for the logging helpers: ``root``, ``classes``,
+    ``samples``, ``targets``."""
+
+    def __init__(self, root: str, samples: Optional[Sequence[tuple[str, int]]], classes: Sequence[str],
+                 transform: Optional[Callable] = None, skip_corrupt: bool = False, lazy: bool = False,
+                 logger: Optional[logging.Logger] = None) -> None:
+        self.root = root
+        self.samples = list(samples) if samples is not None else None   # None: the subclass knows its length
+        self.targets = [label for _, label in self.samples] if samples is not None else None
+        self.classes = list(classes)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.decode = open_lazy if lazy else decode_rgb
+        self.logger = logger
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """How a message names sample ``index``."""
+        return f"'{os.path.join(self.root, self.samples[index][0])}'"
+
+    def load(self, index: int, seed: Optional[int] = None) -> tuple[object, int]:
+        """Read, decode and transform sample ``index``: (image, label); raises one of ``READ_ERRORS`` for a bad
+        sample."""
+        data, label = self.read(index)
+        img = self.decode(data)
+        if self.transform is not None:
+            if seed is not None:
+                seed_cpu_generators(seed)
+            img = self.transform(img)
+        return img, label
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        skipped = 0
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                img, label = self.load(i, seed)
+            except READ_ERRORS as e:
+                cause = e.__cause__ if isinstance(e, DecodeFailed) and e.__cause__ is not None else e
+                if not self.skip_corrupt:
+                    raise UnreadableImageError(f"unreadable image {self.describe(i)}: {type(cause).__name__}: "
+                                               f"{cause} (remove or replace it)") from None
+                skipped += 1
+                msg = f'skipping unreadable training image {self.describe(i)}: {type(cause).__name__}'
+                if self.logger is not None:
+                    self.logger.warning(msg)
+                else:
+                    warnings.warn(msg)
+                continue
+            return img, label, skipped
+        raise DataError(f"no readable image in '{self.root}'")
+
+
+class FileImages(EncodedImages):
+    """Image files by path (the samples of a folder data set, read as bytes for the lazy fast decode)."""
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        path, label = self.samples[index]
+        with open(path, 'rb') as f:
+            return f.read(), label
+
+    def describe(self, index: int) -> str:
+        return f"'{self.samples[index][0]}'"
