@@ -311,8 +311,9 @@ def test_flat_val_map_takes_the_training_class_names(tmp_path, packed):
     assert data.class_names == [str(d) for d in range(10)] and len(data.dataset_val) == 50
 
 
+@pytest.mark.bench
 def test_bench_loader_times_every_pipeline_with_the_official_one(tmp_path):
-    """tools/bench_loader.py with a stand-in official checkout (its data/build.py's build_transform is imported as
+    """bench/bench_loader.py with a stand-in official checkout (its data/build.py's build_transform is imported as
     the official one is): one row per pipeline, ratios to the official; a missing checkout is one error line."""
     import subprocess
     from conftest import PYTHON, ROOT, subprocess_env
@@ -323,7 +324,7 @@ def test_bench_loader_times_every_pipeline_with_the_official_one(tmp_path):
         'from torchvision import transforms\n'
         'def build_transform(is_train, config):\n'
         '    return transforms.Compose([transforms.RandomResizedCrop(config.DATA.IMG_SIZE), transforms.ToTensor()])\n')
-    cmd = [PYTHON, os.path.join(ROOT, 'tools', 'bench_loader.py'), '--images', '32', '--rounds', '1', '--chunk', '32']
+    cmd = [PYTHON, os.path.join(ROOT, 'bench', 'bench_loader.py'), '--images', '32', '--rounds', '1', '--chunk', '32']
     proc = subprocess.run(cmd + ['--official', str(tmp_path / 'official')], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

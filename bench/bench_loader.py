@@ -1,7 +1,7 @@
 """Training data pipeline speed per CPU core: ours (exact and fast; from a folder, a zip, tar shards) beside the
 official MG-SSAF pipeline, timed in turns in one process.
 
-    python tools/bench_loader.py --official ../MG-SSAF [--images 256] [--rounds 12] [--chunk 64]
+    python bench/bench_loader.py --official ../MG-SSAF [--images 256] [--rounds 12] [--chunk 64]
 
 The data are real-size JPEGs (ImageNet's typical 500x375, quality 90) cut from the two photographs scikit-learn
 ships (``load_sample_images``), in 4 classes, written as a folder, as Swin's zip (``tools/make_zip.py``) and as tar
