@@ -9,15 +9,7 @@ import torch.nn as nn
 import engine
 from config import get_default_config, merge_opts
 from engine import Precision, TrainingDiverged, TrainState, train_one_epoch
-
-
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(x)
+from test_reliability import _Toy
 
 
 class _Sched:
