@@ -174,8 +174,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chans, H, W). Returns: (B, H/patch, W/patch, C), contiguous."""
-        x = self.proj(x).permute(0, 2, 3, 1)  # B, H, W, C
-        return self.norm(x) if isinstance(self.norm, nn.LayerNorm) else x.contiguous()
+        # (contiguous first: LayerNorm copies a permuted input anyway, and Identity must return a contiguous map)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1).contiguous())  # B, H, W, C
 
 
 @register_notrace_module  # one node of a traced graph (a feature extractor needs none of its ops)

@@ -120,6 +120,8 @@ def test_paths_in_the_readme_exist():
     layout = re.search(r'^## Layout\n+```\n(.*?)^```', text, re.S | re.M)
     assert layout, 'the README has no layout block'
     for line in layout.group(1).splitlines():
+        if line.startswith(' '):  # the description of the entry above, continued
+            continue
         first = line.split()[0]  # the entry: a file or folder at the root, or a path under one
         candidates.add(first)
         candidates |= {p for p in re.findall(r'[\w-]+/[\w./-]*\.py', line)}

@@ -360,3 +360,14 @@ def test_timm_suite_without_network_says_so_and_passes(monkeypatch, capsys):
     assert suite.main([]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith('timm suite: skipped, cannot fetch the timm ')
+
+
+def test_scripting_one_model_after_the_other_keeps_both_right():
+    """TorchScript gives a module type of other constants a mangled name, and then an ``isinstance`` on a submodule
+    compiled later is False: a scripted MSG-Transformer after a scripted MG-SSAF (LayerNorm eps 1e-6 there, 1e-5
+    here) skipped its stem norm. The forwards test no submodule's type."""
+    scripted = [torch.jit.script(small(cls)) for cls in (MGSSAF, MSGTransformer)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        for s, cls in zip(scripted, (MGSSAF, MSGTransformer)):
+            torch.testing.assert_close(s(x), small(cls)(x), rtol=1e-5, atol=1e-6)
