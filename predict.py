@@ -13,9 +13,10 @@ probabilities; ``--json``: one JSON object per line instead. Class names come fr
 ``tools/export_onnx.py``; else from ``--resume`` if given); official checkpoints have none: indices are printed.
 
 Folders are searched recursively (symbolic links followed, each folder and each file once, hidden entries and
-non-image extensions skipped), in sorted order. A file that cannot be read as an image, or a missing path, gets
-one line on stderr and the others still run; the exit code is then 1. Config, checkpoint and usage errors are
-one ``error:`` line and exit code 2 before any image is read (``--debug`` shows tracebacks).
+non-image extensions skipped, the latter counted in a ``note:`` line), in sorted order. A file that cannot be read as
+an image (a FIFO, socket or device named like one included: never opened), or a missing path, gets one line on
+stderr and the others still run; the exit code is then 1. Config, checkpoint and usage errors are one ``error:``
+line and exit code 2 before any image is read (``--debug`` shows tracebacks).
 """
 from __future__ import annotations
 
