@@ -3,7 +3,9 @@
 Checkpoints are plain data (tensors, numbers, strings, lists, dicts) so ``torch.load(..., weights_only=True)``
 reads ours with no allow-list; the config travels as YAML text. Official Swin-style training checkpoints pickle
 a yacs ``CfgNode``: that one class, and nothing else, is allowed when reading them. Writes are atomic
-(temporary file, fsync, rename), so a crash while saving never leaves a half-written newest checkpoint.
+(temporary file, fsync, rename), so a crash while saving never leaves a half-written newest checkpoint. An epoch's
+checkpoint records the writes that belong with it (``best.pth``, its metrics row), which a rerun completes
+(``complete_epoch_writes``); a checkpoint's class names are compared with the data's (``check_class_names``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import logging
 import os
 import pickle
 import re
+import shutil
+import unicodedata
 from typing import Optional
 
 import torch
@@ -19,6 +23,7 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from models.pretrained import fit_state_dict  # shared with timm's checkpoint_filter_fn
+from output_folder import append_metrics, has_metrics_row
 
 CHECKPOINT_VERSION = 2  # 2: epoch = last completed epoch (official meaning); version 1 stored the next one
 _CKPT_RE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
@@ -199,6 +204,9 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         cause = out.error if out is not None and out.error is not None else e
+        if isinstance(cause, FileNotFoundError) and not os.path.exists(tmp):
+            raise CheckpointError(f"could not write '{path}': its temporary file '{tmp}' was removed while it was "
+                                  f"written (by another run in this output folder?)") from None
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
         # Nothing was replaced (the write is atomic): say so when there is a previous checkpoint to rerun from.
         kept = ' (the previous checkpoint is kept)' if glob.glob(os.path.join(os.path.dirname(path) or '.', '*.pth')) else ''
@@ -227,12 +235,14 @@ def training_position(ckpt: dict) -> tuple[int, int]:
 def find_resume_checkpoint(output_dir: str, logger: logging.Logger) -> Optional[tuple[str, dict]]:
     """The furthest training checkpoint in ``output_dir`` that reads back whole (``last.pth`` or the
     ``ckpt_epoch_*.pth`` of the highest epoch), with its contents. Ordered by what they hold, not by modification
-    time (a copy without ``-p`` reorders those); a corrupt file is skipped with a warning and the next one taken."""
-    for stale in glob.glob(os.path.join(output_dir, '*.pth.tmp.*')):  # left by a process killed while saving
-        try:
-            os.remove(stale)
-        except FileNotFoundError:
-            pass
+    time (a copy without ``-p`` reorders those); a corrupt file is skipped with a warning and the next one taken.
+    Temporary files are left alone: the run that owns the folder removes those of the run it replaced
+    (output_folder.py); others may belong to a process still writing them."""
+    leftovers = [p for p in glob.glob(os.path.join(glob.escape(output_dir), '*.pth.tmp.*'))
+                 if not p.endswith(f'.tmp.{os.getpid()}')]
+    if leftovers:
+        logger.warning(f"auto-resume: {len(leftovers)} temporary checkpoint files of another process are in the output "
+                       f"folder (e.g. '{leftovers[0]}'); not removed: delete them if no other run writes there")
 
     def readable(path: str) -> Optional[dict]:
         try:
@@ -257,6 +267,99 @@ def find_resume_checkpoint(output_dir: str, logger: logging.Logger) -> Optional[
         if ckpt is not None and (best is None or training_position(ckpt) >= training_position(best[1])):
             best = (last, ckpt)
     return best
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` atomically (temporary file, fsync, rename), ``CheckpointError`` on failure."""
+    tmp = f'{dst}.tmp.{os.getpid()}'
+    try:
+        with open(src, 'rb') as fin, open(tmp, 'wb') as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise CheckpointError(f"could not write '{dst}': {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` a checkpoint file holds, read without loading its tensors (memory-mapped); None if it cannot
+    be read."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file counts as not holding the epoch
+        return None
+    return ckpt.get('epoch') if isinstance(ckpt, dict) else None
+
+
+def epoch_end_writes(record: dict, improved: bool) -> dict:
+    """What belongs with the checkpoint of an epoch's end: its ``metrics.jsonl`` row and whether it is the best so
+    far (then ``best.pth`` is a copy of it). Stored in that checkpoint, so a rerun after a kill between the writes
+    completes them (``complete_epoch_writes``)."""
+    return {'metrics': record, 'best': bool(improved)}
+
+
+def complete_epoch_writes(output_dir: str, path: str, ckpt: dict, logger: logging.Logger) -> None:
+    """Write what belongs with checkpoint ``path`` (``ckpt``, its contents) and is missing: the metrics row of its
+    epoch, and ``best.pth`` when that epoch was the best."""
+    pending = ckpt.get('epoch_end')
+    if not isinstance(pending, dict):
+        return
+    record = pending.get('metrics')
+    if isinstance(record, dict) and isinstance(record.get('epoch'), int) and not has_metrics_row(output_dir,
+                                                                                                  record['epoch']):
+        append_metrics(output_dir, record)
+        logger.info(f"resume: wrote the metrics row of epoch {record['epoch']}, missing after an interrupted run")
+    best = os.path.join(output_dir, 'best.pth')
+    if pending.get('best') and os.path.abspath(path) != os.path.abspath(best) \
+            and checkpoint_epoch(best) != ckpt.get('epoch'):
+        copy_checkpoint(path, best)
+        logger.info(f"resume: wrote '{best}' (epoch {ckpt.get('epoch')}), missing after an interrupted run")
+
+
+def describe_class_change(saved: list[str], names: list[str]) -> Optional[str]:
+    """How the class names of the data (``names``, in label order) differ from a checkpoint's (``saved``); None
+    when they are the same."""
+    saved, names = [str(n) for n in saved], [str(n) for n in names]
+    if saved == names:
+        return None
+    if len(saved) != len(names):
+        only_saved = sorted(set(saved) - set(names))[:3]
+        only_here = sorted(set(names) - set(saved))[:3]
+        return (f'{len(names)} classes here, {len(saved)} in the checkpoint (only in the checkpoint: {only_saved}, '
+                f'only here: {only_here})')
+    nfc = [unicodedata.normalize('NFC', n) for n in names]
+    if nfc == [unicodedata.normalize('NFC', n) for n in saved]:
+        i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        return (f'the class {names[i]!r} is written in another Unicode form than in the checkpoint ({ascii(names[i])} '
+                f'here, {ascii(saved[i])} there; NFC vs NFD, as macOS or some zip tools write names)')
+    if sorted(saved) == sorted(names):
+        moved = sum(a != b for a, b in zip(saved, names))
+        return f'the same classes in another order ({moved} labels moved)'
+    i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+    changed = sum(a != b for a, b in zip(saved, names))
+    return f'{changed} of {len(names)} labels name other classes (label {i} is {names[i]!r} here, {saved[i]!r} there)'
+
+
+def check_class_names(ckpt: dict, names: Optional[list[str]], path: str, allow: bool,
+                      logger: Optional[logging.Logger] = None) -> None:
+    """Refuse a checkpoint trained on other classes than the data's (one line naming the difference), unless
+    ``allow`` (``--allow-class-change``): then a warning. Official checkpoints carry no names: nothing to compare."""
+    saved = ckpt.get('class_names')
+    if not isinstance(saved, (list, tuple)) or names is None:
+        return
+    change = describe_class_change(list(saved), list(names))
+    if change is None:
+        return
+    if allow:
+        if logger is not None:
+            logger.warning(f"--allow-class-change: the data's classes differ from those of '{path}': {change}")
+        return
+    raise CheckpointError(f"the data's classes differ from those '{path}' was trained on: {change}; every label would "
+                          f"mean another class. Check --data-path, or pass --allow-class-change if you mean it")
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
@@ -367,12 +470,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 
 def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                         scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], state,
-                        class_names: Optional[list[str]], world_size: int) -> dict:
+                        class_names: Optional[list[str]], world_size: int, epoch_end: Optional[dict] = None) -> dict:
     """Everything a rerun needs to continue exactly, as plain data.
 
     ``epoch`` is the last completed epoch, as in the official checkpoints (so either code base resumes the other's
     files at ``epoch + 1``); a checkpoint written mid-epoch also says how many batches of the next epoch each
-    process had done (``step_in_epoch``) and with which batch, process count and accumulation."""
+    process had done (``step_in_epoch``) and with which batch, process count and accumulation. ``epoch_end``: see
+    ``epoch_end_writes``."""
     return {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -391,6 +495,7 @@ def training_checkpoint(*, config, model: nn.Module, optimizer: torch.optim.Opti
         'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS,
         'class_names': list(class_names) if class_names is not None else None,
         'config': config.dump(),
+        'epoch_end': epoch_end,  # the writes that belong with this checkpoint (epoch_end_writes)
         'version': CHECKPOINT_VERSION,
     }
 

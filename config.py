@@ -9,12 +9,14 @@ official YAMLs and ``--opts`` overrides work unchanged.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import functools
 import math
 import os
 import re
+import reprlib
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import yaml
@@ -46,6 +48,7 @@ _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.SKIP_CORRUPT = True          # training set only: skip unreadable images with a warning
+_C.DATA.CHECK_OVERLAP = True         # refuse validation images that are training images (links, identical copies)
 # Swin's zipped ImageNet (--zip): <path>/{train,val}.zip with {train,val}_map.txt; CACHE_MODE (--cache-mode) keeps
 # the encoded images in memory: 'no', 'full' (all of them on every rank) or 'part' (each rank its own share).
 _C.DATA.ZIP_MODE = False
@@ -212,21 +215,111 @@ def _check_keys(node: CN, ref: CN, where: str, prefix: str = '') -> None:
     for k, v in node.items():
         full = f'{prefix}{k}'
         if k not in ref:
-            raise ConfigError(f"unknown config key '{full}' in {where}{_closest(full, _all_keys(_C))}")
+            raise ConfigError(f"unknown config key {shown(full)} in {where}{_closest(str(full), _all_keys(_C))}")
         if isinstance(v, dict) and isinstance(ref[k], CN):
             _check_keys(v, ref[k], where, full + '.')
+
+
+# What a config file may hold: a config is a few hundred values, so these bounds never bind a real one; they stop a
+# YAML alias bomb (a kilobyte of nested anchors expands to billions of items) before anything walks or prints it.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ITEMS = 10_000
+MAX_SHOWN_CHARS = 200  # a value quoted in an error message is cut to this length
+
+
+def shown(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters (a long list or string is elided)."""
+    brief = reprlib.Repr()
+    brief.maxlist = brief.maxtuple = brief.maxdict = brief.maxset = 12
+    brief.maxstring = brief.maxother = limit
+    brief.maxlevel = 3
+    text = brief.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def shown_text(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` for a message, at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: Any, again: Any) -> None:
+        super().__init__(f'{key!r} at lines {first.line + 1} and {again.line + 1}')
+        self.key, self.first, self.again = key, first, again
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so a section written twice would lose everything the first one set. Merge keys (``<<``) may still
+    be overridden, as YAML defines."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == 'tag:yaml.org,2002:merge':
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKeyError(key, first[key], key_node.start_mark)
+                    first[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: the constructor names it below
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """Items in ``data`` with every alias expanded (each reference counted where it appears), counting stops past
+    ``limit``: what merging, validating, printing or dumping the value would walk."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
+def _read_text(path: str) -> str:
+    """The text of a config file, or ConfigError saying what the file is instead (too large, not UTF-8)."""
+    size = os.path.getsize(path)
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file '{path}' is {size:,} bytes; a config is a few KB (at most "
+                          f"{MAX_YAML_BYTES:,} bytes): is it the right file?")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        if raw.startswith((b'PK\x03\x04', b'\x80')):
+            raise ConfigError(f"'{path}' is not a YAML file but looks like a PyTorch checkpoint; pass it with "
+                              f"--resume or --pretrained, and a YAML with --cfg") from None
+        line = raw[:e.start].count(b'\n') + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); "
+                          f"save it as UTF-8") from None
 
 
 def _load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: '{path}' (pass an existing YAML, e.g. configs/msg_tiny_p4_win7_224.yaml)")
+    text = _read_text(path)
     try:
-        with open(path, 'r') as f:
-            data = yaml.safe_load(f) or {}
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"'{path}' gives the key {shown(e.key)} twice in one section (lines {e.first.line + 1} "
+                          f"and {e.again.line + 1}): the first would be lost; merge the two") from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
-        raise ConfigError(f"YAML syntax error in '{path}'{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, 'problem', None) or str(e)
+        raise ConfigError(f"YAML syntax error in '{path}'{where}: {shown_text(problem)}") from None
+    if _expanded_size(data, MAX_YAML_ITEMS) > MAX_YAML_ITEMS:
+        raise ConfigError(f"config file '{path}' expands to more than {MAX_YAML_ITEMS:,} values (nested YAML "
+                          f"aliases?); a config holds a few hundred")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
     return data
@@ -237,7 +330,7 @@ def _merge(config: CN, data: dict, where: str) -> None:
     try:
         config.merge_from_other_cfg(CN(data))
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise ConfigError(f'bad value in {where}: {e}') from None
+        raise ConfigError(f'bad value in {where}: {shown_text(str(e))}') from None
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -316,14 +409,19 @@ def update_config_from_file(config: CN, cfg_file: str) -> None:
     config.freeze()
 
 
-def merge_opts(config: CN, opts: list[str]) -> None:
-    """Apply ``KEY VALUE`` pairs from ``--opts``, naming the closest key when one is unknown."""
+def merge_opts(config: CN, opts: list[str]) -> dict[str, Any]:
+    """Apply ``KEY VALUE`` pairs from ``--opts``, naming the closest key when one is unknown; returns the values set
+    by key. A key given twice takes the last value, as in yacs (scripts append overrides), with a note for the log
+    (``config_notes``) so the first does not vanish without a word."""
     if len(opts) % 2:
-        raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {opts}')
+        raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {shown(list(opts))}')
     all_keys = _all_keys(config)
+    given: dict[str, Any] = {}
     for key, value in zip(opts[0::2], opts[1::2]):
         if key not in all_keys:
-            raise ConfigError(f"unknown config key '{key}' in --opts{_closest(key, all_keys)}")
+            raise ConfigError(f"unknown config key {shown(key)} in --opts{_closest(key, all_keys)}")
+        if key in given:
+            _notes.append(f'config: --opts sets {key} more than once; the last value, {shown(value)}, is used')
         node = config
         *parents, leaf = key.split('.')
         for p in parents:
@@ -331,7 +429,7 @@ def merge_opts(config: CN, opts: list[str]) -> None:
         old = node[leaf]
         try:
             new = value if isinstance(old, str) else ast.literal_eval(value)  # a string key takes the text as is
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             new = value
         if old is not None and new is not None and not isinstance(new, type(old)):
             if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
@@ -339,8 +437,15 @@ def merge_opts(config: CN, opts: list[str]) -> None:
             elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
                 new = type(old)(new)
             else:
-                raise ConfigError(f"--opts {key}: expected {type(old).__name__}, got {value!r}")
+                raise ConfigError(f"--opts {key}: expected {type(old).__name__}, got {shown(value)}")
         node[leaf] = new
+        given[key] = new
+    return given
+
+
+def add_opts_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--opts KEY VALUE ...``; given twice, the lists are joined (a second ``--opts`` used to replace the first)."""
+    parser.add_argument('--opts', default=None, nargs='+', action='extend', help=help_text)
 
 
 # Command-line flags that carry a value, by argparse ``dest``: the config key each one sets. A flag is given when
@@ -383,18 +488,25 @@ def update_config(config: CN, args: Any) -> None:
     if getattr(args, 'cfg', None):
         update_config_from_file(config, args.cfg)
     config.defrost()
-    if getattr(args, 'opts', None):
-        merge_opts(config, args.opts)
+    given = merge_opts(config, args.opts) if getattr(args, 'opts', None) else {}
+
+    def from_flag(key: str, value: Any, flag: str) -> None:
+        if key in given and given[key] != value:  # the flag wins, as in Swin: say so
+            _notes.append(f'config: {key} is set by --opts ({shown(given[key])}) and by {flag} ({shown(value)}); '
+                          f'{flag} wins')
+        _set_key(config, key, value)
+
     for dest, key in FLAG_KEYS.items():
         if getattr(args, dest, None) is not None:
-            _set_key(config, key, getattr(args, dest))
+            from_flag(key, getattr(args, dest), f"--{dest.replace('_', '-')}")
     if getattr(args, 'amp_opt_level', None):
         config.AMP_OPT_LEVEL = args.amp_opt_level
         config.AMP_ENABLE = args.amp_opt_level != 'O0'
     for dest, (key, value) in SWITCH_KEYS.items():  # after the opt level: --disable-amp wins over it
         if getattr(args, dest, None):
-            _set_key(config, key, value)
-    config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
+            from_flag(key, value, f"--{dest.replace('_', '-')}")
+    from distributed import launcher_env  # lazily: distributed imports this module
+    config.LOCAL_RANK = launcher_env().local_rank
     fused = [f'--{flag}' for flag in ('fused_window_process', 'fused_layernorm') if getattr(args, flag, None)]
     if fused:
         _notes.append(f"{' and '.join(fused)}: accepted for the official commands; nothing to fuse here (window "
@@ -588,6 +700,14 @@ def _manip_types() -> tuple[str, ...]:
 
 
 RGB_CHANNELS = 3  # the loader gives every image as 8-bit RGB (data/build.py)
+MAX_SEED = 2**63 - 1  # every generator seeded from SEED takes it (torch's take 64 bits, NumPy's SeedSequence no sign)
+# Values that pass their own rule but whose cost has no bound: what each costs, and the most that is accepted.
+LIMITS = {
+    'DATA.IMG_SIZE': (4096, 'pixels a side'),
+    'DATA.NUM_WORKERS': (256, 'processes forked per loader'),
+    'AUG.RECOUNT': (100, 'random-erasing boxes per image'),
+}
+MIN_CROP_PCT = 0.25  # evaluation resizes to IMG_SIZE / CROP_PCT: at most 4x the crop
 # Interpolations that timm's training transform (RandAugment's affine ops included: Pillow's transform() takes
 # only these three) and torchvision's Resize both take; 'random' is timm's, for training (evaluation uses bicubic).
 INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'random')
@@ -609,6 +729,7 @@ RULES: dict[str, Rule] = {
     'DATA.PIN_MEMORY': Flag(),
     'DATA.NUM_WORKERS': Int(0),
     'DATA.SKIP_CORRUPT': Flag(),
+    'DATA.CHECK_OVERLAP': Flag(),
     'DATA.MEAN': Seq(_UNIT, length=RGB_CHANNELS),
     'DATA.STD': Seq(_POSITIVE, length=RGB_CHANNELS),
     'DATA.ZIP_MODE': Flag(),
@@ -709,7 +830,7 @@ RULES: dict[str, Rule] = {
     'TAG': Text(empty=False),
     'SAVE_FREQ': Int(1),
     'PRINT_FREQ': Int(1),
-    'SEED': Int(),
+    'SEED': Int(0, MAX_SEED),
     'EVAL_MODE': Flag(),
     'THROUGHPUT_MODE': Flag(),
     'LOCAL_RANK': Int(0),
@@ -724,8 +845,27 @@ def uses_mixup(config: CN) -> bool:
     return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 
+def _inside_output(name: str) -> bool:
+    """Whether ``name`` joined below a folder stays inside it: relative, no '..', '.' or empty part, no NUL."""
+    parts = name.replace('\\', '/').split('/')
+    return not os.path.isabs(name) and '\x00' not in name and all(p not in ('', '.', '..') for p in parts)
+
+
 def _relations(config: CN) -> Iterable[str]:
-    """Rules between keys (each key on its own is valid by now)."""
+    """Rules between keys, and bounds on what values cost (each key on its own is valid by now)."""
+    for key, flag in (('MODEL.NAME', ''), ('TAG', ' (--tag)')):
+        value = _key_value(config, key)
+        if not _inside_output(value):
+            yield (f'{key}{flag} names the folder <OUTPUT>/<MODEL.NAME>/<TAG> and must stay inside OUTPUT (no '
+                   f"absolute path, no '..'), got {shown(value)}")
+    for key, (most, what) in LIMITS.items():
+        value = _key_value(config, key)
+        if value > most:
+            yield f'{key}{_flag_of(key)} must be at most {most} ({what}), got {value}'
+    if config.TEST.CROP_PCT < MIN_CROP_PCT:
+        side = int(math.floor(config.DATA.IMG_SIZE / config.TEST.CROP_PCT))
+        yield (f'TEST.CROP_PCT must be at least {MIN_CROP_PCT} (evaluation resizes images to IMG_SIZE / CROP_PCT = '
+               f'{side} pixels), got {config.TEST.CROP_PCT}')
     t = config.TRAIN
     if t.START_EPOCH >= t.EPOCHS:
         yield f'TRAIN.START_EPOCH must be below TRAIN.EPOCHS ({t.EPOCHS}), got {t.START_EPOCH}'
@@ -735,6 +875,13 @@ def _relations(config: CN) -> Iterable[str]:
     if training and uses_mixup(config) and config.DATA.BATCH_SIZE % 2:
         yield (f'DATA.BATCH_SIZE{_flag_of("DATA.BATCH_SIZE")} must be even with mixup/cutmix, got '
                f'{config.DATA.BATCH_SIZE} (or turn them off: --opts AUG.MIXUP 0.0 AUG.CUTMIX 0.0)')
+
+
+def _key_value(config: CN, key: str) -> Any:
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
 
 
 def _flag_of(key: str) -> str:
@@ -757,8 +904,8 @@ def validate_config(config: CN) -> None:
     for key, value in _leaves(config):
         rule = RULES.get(key)  # every key has one (tests/test_config.py::test_every_key_has_a_rule)
         if rule is not None and not rule.ok(value):
-            shown = list(value) if isinstance(value, tuple) else value  # as the YAML or --opts wrote it
-            problems.append(f'{key}{_flag_of(key)} must be {rule.want}, got {shown!r}')
+            as_given = list(value) if isinstance(value, tuple) else value  # as the YAML or --opts wrote it
+            problems.append(f'{key}{_flag_of(key)} must be {rule.want}, got {shown(as_given)}')
     if not problems:
         problems.extend(_relations(config))
     if problems:

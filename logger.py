@@ -8,6 +8,20 @@ import sys
 
 from termcolor import colored
 
+from output_folder import OutputError
+
+
+class _LogFile(logging.FileHandler):
+    """A log file whose write errors end the run with one line: logging's default prints a 'Logging error' block
+    per record and goes on, so a full disk would leave a run with no log and an exit code of 0."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging API
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise OutputError(f"could not write the log file '{self.baseFilename}': "
+                              f"{error.strerror or error}; free space or choose another --output") from None
+        super().handleError(record)
+
 
 @functools.lru_cache()
 def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> logging.Logger:
@@ -28,7 +42,7 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> loggin
         logger.addHandler(console)
 
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
+    file_handler = _LogFile(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a', encoding='utf-8')
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(fmt, datefmt='%Y-%m-%d %H:%M:%S'))
     logger.addHandler(file_handler)

@@ -11,7 +11,6 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -27,27 +26,29 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from config import ConfigError, config_notes, get_config
+from config import ConfigError, add_opts_argument, config_notes, get_config
 from data import Data, DataError, build_loader, release_workers
 from engine import Precision, TrainingDiverged, TrainState, evaluate, throughput, train_one_epoch
 from logger import create_logger
 from lr_scheduler import ScheduleClock, build_scheduler
 from models import build_model, cpu, model_cost
 from optimizer import build_optimizer, scaled_lrs
-from checkpoint import (CheckpointError, extract_state_dict, find_resume_checkpoint, load_checkpoint_file,
-                        load_model_weights, load_pretrained, prune_checkpoints, restore_training, save_checkpoint,
-                        training_checkpoint)
+from checkpoint import (CheckpointError, check_class_names, complete_epoch_writes, epoch_end_writes,
+                        extract_state_dict, find_resume_checkpoint, load_checkpoint_file, load_model_weights,
+                        load_pretrained, prune_checkpoints, restore_training, save_checkpoint, training_checkpoint)
 from distributed import (agree_on_every_rank, any_rank, barrier, init_distributed, is_collective_failure, is_dist,
-                         launched, process_rank, resolve_device, shutdown, slurm_environment)
+                         launched, launcher_env, process_rank, resolve_device, shutdown, slurm_environment)
+from output_folder import OutputError, append_metrics, lock_output_folder, release_output_folder, write_text
 from utils import compile_model, current_rss_mb, keep_freed_memory, seed_everything, unwrap_model
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, OutputError)
+MAX_MESSAGE_CHARS = 2000  # an error line is cut to this (a message quoting a huge value must stay one readable line)
 
 
 def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('MSG-Transformer / MG-SSAF training and evaluation', add_help=True)
     parser.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
-    parser.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
+    add_opts_argument(parser, "modify config options by adding 'KEY VALUE' pairs")
     parser.add_argument('--batch-size', type=int, help='batch size per process')
     parser.add_argument('--data-path', type=str, help='path to dataset: a folder with train/ and val/ (class folders '
                                                       'or .tar shards), or with --zip the zips and their maps')
@@ -70,6 +71,9 @@ def parse_option(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--eval', action='store_true', help='evaluate only')
     parser.add_argument('--throughput', action='store_true', help='measure throughput only')
     parser.add_argument('--debug', action='store_true', help='show Python tracebacks for user errors')
+    parser.add_argument('--allow-class-change', action='store_true',
+                        help="resume or evaluate a checkpoint although the data's class folders differ from the ones "
+                             "it was trained on (renamed, reordered, another data set): labels then mean other classes")
     # The official fused-kernel switches: accepted, with a note in the log (nothing to fuse here).
     parser.add_argument('--fused_window_process', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--fused_layernorm', action='store_true', help=argparse.SUPPRESS)
@@ -119,6 +123,28 @@ class StopRequest:
         return self.requested
 
 
+class StopAwareLoader:
+    """A validation loader that ends early once a stop is requested. Ranks may hold different numbers of batches
+    (the evaluation shards are not padded), so they agree only at batches every rank has, every
+    ``check_every``: one collective each."""
+
+    def __init__(self, loader, should_stop, world_size: int, check_every: int = 10) -> None:
+        self.loader, self.should_stop, self.check_every = loader, should_stop, check_every
+        per_rank = len(loader.dataset) // world_size  # the fewest items a rank holds (ShardSampler)
+        self.common = -(-per_rank // loader.batch_size)
+        self.stopped = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i % self.check_every == 0 and i < self.common and any_rank(self.should_stop()):
+                self.stopped = True
+                return
+            yield batch
+
+
 @dataclass
 class Run:
     """What every path of a run shares: the frozen config, where this process runs, and its logger."""
@@ -128,6 +154,7 @@ class Run:
     world_size: int
     precision: Precision
     logger: logging.Logger
+    allow_class_change: bool = False  # --allow-class-change
 
 
 def prepare_output(path: str) -> None:
@@ -145,6 +172,20 @@ def prepare_output(path: str) -> None:
     except OSError as e:
         raise ConfigError(f"output folder '{path}' is not writable ({e.strerror}); choose another --output or fix "
                           f"its permissions") from None
+
+
+def own_output_folder(path: str, rank: int) -> Optional[str]:
+    """Rank 0 takes the output folder's lock (output_folder.py); every rank learns whether it did, so all stop
+    together when another run owns the folder. Returns the log line of a stale lock taken over, if any."""
+    error, note = None, None
+    if rank == 0:
+        try:
+            note = lock_output_folder(path)
+        except OutputError as e:
+            error = e
+    if any_rank(error is not None):
+        raise error or OutputError(f"output folder '{path}' is in use by another run")
+    return note
 
 
 def _parents(path: str) -> list[str]:
@@ -166,21 +207,23 @@ def setup(args: argparse.Namespace) -> Run:
         keep_freed_memory()  # no page faults for tensors freed and made again every step (utils.keep_freed_memory)
     prepare_output(config.OUTPUT)
     rank, world_size = init_distributed(device)
+    lock_note = own_output_folder(config.OUTPUT, rank)  # before the first line is written there
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # as both official mains: fixed input sizes, convolutions tuned once
         if config.TRAIN.TF32:  # float32 matmuls and convolutions on tensor cores (float32 runs: --disable_amp)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     logger = create_logger(config.OUTPUT, rank, name=config.MODEL.NAME)
-    for note in config_notes():
-        logger.info(note)
+    for note in config_notes() + [launcher_env().note, lock_note]:
+        if note:
+            logger.info(note)
     if rank == 0:
         name = 'config.yaml' if not (config.EVAL_MODE or config.THROUGHPUT_MODE) else 'config_eval.yaml'
-        with open(os.path.join(config.OUTPUT, name), 'w') as f:
-            f.write(config.dump())
+        write_text(os.path.join(config.OUTPUT, name), config.dump(), 'the config')
         logger.info(f'full config saved to {os.path.join(config.OUTPUT, name)}')
     logger.info(f'rank {rank}/{world_size} on {device}')
     seed_everything(config.SEED)  # the same initial weights (and EMA) on every rank
-    return Run(config, device, rank, world_size, resolve_precision(config, device, logger), logger)
+    return Run(config, device, rank, world_size, resolve_precision(config, device, logger), logger,
+               allow_class_change=bool(getattr(args, 'allow_class_change', False)))
 
 
 def create_model(run: Run) -> nn.Module:
@@ -209,6 +252,7 @@ def evaluate_only(run: Run, data: Data, model: nn.Module) -> int:
     config, logger = run.config, run.logger
     if config.MODEL.RESUME:
         ckpt = load_checkpoint_file(config.MODEL.RESUME)
+        check_class_names(ckpt, data.class_names, config.MODEL.RESUME, run.allow_class_change, logger)
         load_model_weights(model, extract_state_dict(ckpt, config.MODEL.RESUME), config.MODEL.RESUME, logger)
         logger.info(f"loaded weights from '{config.MODEL.RESUME}'")
     elif config.MODEL.PRETRAINED:
@@ -266,15 +310,26 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
             logger.warning(f"auto-resume: using '{found[0]}' from the output folder instead of '{resume_path}'")
         resume_path = found[0]
     if resume_path:
-        restore_training(found[1] if found else load_checkpoint_file(resume_path), resume_path, model=model,
-                         optimizer=optimizer, scaler=scaler, model_ema=model_ema, state=state,
-                         batch_size=config.DATA.BATCH_SIZE, world_size=world_size, accumulation=accum,
-                         updates_per_epoch=clock.updates_per_epoch, logger=logger)
+        ckpt = found[1] if found else load_checkpoint_file(resume_path)
         found = None  # it holds the whole checkpoint: one more copy of the run in host memory otherwise
-        if not agree_on_every_rank([state.epoch, state.step_in_epoch, state.num_updates]):
-            raise CheckpointError(f"the processes resumed from different places (epoch {state.epoch} step "
-                                  f"{state.step_in_epoch} here): is '{config.OUTPUT}' the same folder on every node, "
-                                  f"and readable by all?")
+        check_class_names(ckpt, data.class_names, resume_path, run.allow_class_change, logger)
+        restore_training(ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
+                         state=state, batch_size=config.DATA.BATCH_SIZE, world_size=world_size, accumulation=accum,
+                         updates_per_epoch=clock.updates_per_epoch, logger=logger)
+        if rank == 0 and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(config.OUTPUT):
+            complete_epoch_writes(config.OUTPUT, resume_path, ckpt, logger)  # after a kill between the epoch's writes
+        del ckpt
+    # Every rank takes part, whether or not it found a checkpoint: a collective entered by some ranks only would
+    # meet another collective (DDP's first broadcast) on the others and wait out the timeout.
+    if not agree_on_every_rank([int(bool(resume_path)), state.epoch, state.step_in_epoch, state.num_updates]):
+        here = f'epoch {state.epoch} step {state.step_in_epoch}' if resume_path else 'no checkpoint'
+        raise CheckpointError(f"the processes resumed from different places ({here} here): is '{config.OUTPUT}' "
+                              f"the same folder on every node, and readable by all?")
+    if state.epoch >= config.TRAIN.EPOCHS:
+        logger.warning(f"nothing to train: '{resume_path}' has finished all {config.TRAIN.EPOCHS} epochs "
+                       f"(TRAIN.EPOCHS); raise TRAIN.EPOCHS to train more, or pass another --output or --tag for a "
+                       f"new run")
+    if resume_path:
         position = clock.step_before(state.epoch, state.step_in_epoch)
         if position is not None:
             scheduler.step_update(position)
@@ -297,10 +352,20 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
     stop = StopRequest()
     writer = _tensorboard(config.OUTPUT) if rank == 0 else None
 
-    def save(path: str) -> None:
+    def save(path: str, epoch_end: Optional[dict] = None) -> None:
         save_checkpoint(path, training_checkpoint(config=config, model=unwrap_model(model), optimizer=optimizer,
                                                   scheduler=scheduler, scaler=scaler, model_ema=model_ema, state=state,
-                                                  class_names=data.class_names, world_size=world_size))
+                                                  class_names=data.class_names, world_size=world_size,
+                                                  epoch_end=epoch_end))
+
+    def stop_here() -> int:
+        """Checkpoint where training stands (only what resume needs: one file) and end the run."""
+        if rank == 0:
+            save(os.path.join(config.OUTPUT, 'last.pth'))
+        barrier()
+        logger.info(f'stop requested: checkpoint written at epoch {state.epoch} step {state.step_in_epoch}; '
+                    f'rerun the same command to continue')
+        return 0
 
     logger.info(f'start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}, {clock.batches_per_epoch} batches '
                 f'per epoch per process, {clock.updates_per_epoch} updates per epoch')
@@ -323,47 +388,57 @@ def train(run: Run, data: Data, model: nn.Module) -> int:
             # evaluated), so the rerun evaluates and checkpoints this epoch before it goes on.
             stats['stopped'] = True
         if stats['stopped']:
-            if rank == 0:
-                save(os.path.join(config.OUTPUT, 'last.pth'))
-            barrier()
-            logger.info(f'stop requested: checkpoint written at epoch {state.epoch} step {state.step_in_epoch}; '
-                        f'rerun the same command to continue')
-            return 0
+            return stop_here()
 
-        val = evaluate(eval_model, data.loader_val, device, run.precision, logger, print_freq=config.PRINT_FREQ)
-        logger.info(f'Accuracy of the network on the {val["num_images"]} test images: {val["acc1"]:.1f}%')
+        # A stop during evaluation ends it (every rank at the same batch): the epoch, trained but not evaluated, is
+        # checkpointed as above and evaluated by the rerun, instead of the stop waiting for evaluation and saves.
+        loader_val = StopAwareLoader(data.loader_val, stop, world_size)
+        val = evaluate(eval_model, loader_val, device, run.precision, logger, print_freq=config.PRINT_FREQ)
         ema_acc1 = None
-        if model_ema is not None:
-            ema_acc1 = evaluate(model_ema, data.loader_val, device, run.precision, logger, header='Test EMA')['acc1']
+        if model_ema is not None and not loader_val.stopped:
+            ema_acc1 = evaluate(model_ema, loader_val, device, run.precision, logger, header='Test EMA')['acc1']
+        if loader_val.stopped:
+            return stop_here()
+        logger.info(f'Accuracy of the network on the {val["num_images"]} test images: {val["acc1"]:.1f}%')
         _log_cpu_kernels(logger)  # after the first epoch and its evaluation: every shape has been seen
         improved = val['acc1'] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, val['acc1'])
         logger.info(f'Max accuracy: {state.max_accuracy:.2f}%')
         state.epoch, state.step_in_epoch = epoch + 1, 0
+        record = {'epoch': epoch, 'lr': stats['lr'], 'train_loss': stats['loss'], 'val_acc1': val['acc1'],
+                  'val_acc5': val['acc5'], 'val_loss': val['loss'], 'ema_acc1': ema_acc1,
+                  'skipped_images': stats['skipped_images'], 'nonfinite_steps': stats['nonfinite_steps'],
+                  'time': stats['time'] + val['time'], 'rss_mb': round(current_rss_mb(), 1)}
 
+        # The epoch's checkpoint first, recording the writes that belong with it (best.pth, the metrics row): a
+        # rerun after a kill between them completes them. After a stop only that checkpoint is written, and a stop
+        # that comes while it is written leaves the rest to the rerun too.
+        stopping = any_rank(stop())
+        saving = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
         if rank == 0:
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}.pth')
-                save(path)
+            pending = epoch_end_writes(record, improved)
+            if saving or stopping:
+                path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}.pth' if saving else 'last.pth')
+                save(path, pending)
                 logger.info(f'{path} saved')
-                stale = os.path.join(config.OUTPUT, 'last.pth')
-                if os.path.exists(stale):
-                    os.remove(stale)
-                prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS)
-            if improved:
-                save(os.path.join(config.OUTPUT, 'best.pth'))
-            record = {'epoch': epoch, 'lr': stats['lr'], 'train_loss': stats['loss'], 'val_acc1': val['acc1'],
-                      'val_acc5': val['acc5'], 'val_loss': val['loss'], 'ema_acc1': ema_acc1,
-                      'skipped_images': stats['skipped_images'], 'nonfinite_steps': stats['nonfinite_steps'],
-                      'time': stats['time'] + val['time'], 'rss_mb': round(current_rss_mb(), 1)}
-            with open(os.path.join(config.OUTPUT, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            if writer is not None:
-                for k, v in record.items():
-                    if k != 'epoch' and v is not None:
-                        writer.add_scalar(k, v, epoch)
-                writer.flush()
+            if not (stopping or (saving and stop())):
+                if improved:
+                    save(os.path.join(config.OUTPUT, 'best.pth'), pending)
+                append_metrics(config.OUTPUT, record)
+                if saving:
+                    stale = os.path.join(config.OUTPUT, 'last.pth')
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                    prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != 'epoch' and v is not None:
+                            writer.add_scalar(k, v, epoch)
+                    writer.flush()
         barrier()
+        if stopping or (saving and any_rank(stop())):
+            logger.info(f'stop requested: checkpoint written after epoch {epoch}; rerun the same command to continue')
+            return 0
     logger.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - t_start))}; '
                 f'best top-1 {state.max_accuracy:.3f}')
     return 0
@@ -393,7 +468,8 @@ def _one_line(e: BaseException) -> str:
     if 'Original Traceback' in text:
         text = text.splitlines()[-1]
         text = re.sub(r'^[\w.]+(Error|Exception): ', '', text)
-    return ' '.join(text.split())
+    text = ' '.join(text.split())
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + f' ... ({len(text)} characters)'
 
 
 def _report(e: BaseException, text: str) -> None:
@@ -429,6 +505,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     finally:
         release_workers()  # leftover data workers may end at the exit's SIGTERM again (data/build.py)
+        release_output_folder()
         shutdown()
 
 

@@ -13,9 +13,10 @@ probabilities; ``--json``: one JSON object per line instead. Class names come fr
 ``tools/export_onnx.py``; else from ``--resume`` if given); official checkpoints have none: indices are printed.
 
 Folders are searched recursively (symbolic links followed, each folder and each file once, hidden entries and
-non-image extensions skipped), in sorted order. A file that cannot be read as an image, or a missing path, gets
-one line on stderr and the others still run; the exit code is then 1. Config, checkpoint and usage errors are
-one ``error:`` line and exit code 2 before any image is read (``--debug`` shows tracebacks).
+non-image extensions skipped, the latter counted in a ``note:`` line), in sorted order. A file that cannot be read as
+an image (a FIFO, socket or device named like one included: never opened), or a missing path, gets one line on
+stderr and the others still run; the exit code is then 1. Config, checkpoint and usage errors are one ``error:``
+line and exit code 2 before any image is read (``--debug`` shows tracebacks).
 """
 from __future__ import annotations
 
@@ -23,15 +24,16 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_checkpoint_file
-from config import ConfigError, get_config
+from config import ConfigError, add_opts_argument, get_config, shown
 from data import DataError, build_transform
-from data.build import DECODE_ERRORS, load_rgb
+from data.build import DECODE_ERRORS, load_rgb, special_file_kind
 from deploy import (META_CLASS_NAMES, META_PREPROCESS, build_inference_model, checkpoint_class_names, onnx_session,
                     preprocess_settings, run_session, session_metadata)
 from distributed import resolve_device
@@ -48,14 +50,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model (sizes, transform)')
     parser.add_argument('--resume', metavar='CKPT', help='checkpoint with the weights (ours or official)')
     parser.add_argument('--onnx', metavar='FILE', help='run this exported file in ONNX Runtime instead of PyTorch')
-    parser.add_argument('--opts', nargs='+', default=None,
-                        help="config overrides, 'KEY VALUE' pairs (end the list with -- before the paths)")
+    add_opts_argument(parser, "config overrides, 'KEY VALUE' pairs (end the list with -- before the paths)")
     parser.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
     parser.add_argument('--batch-size', type=int, help='images per forward pass (default: DATA.BATCH_SIZE)')
     parser.add_argument('--json', action='store_true', help='one JSON object per image instead of text lines')
     parser.add_argument('--debug', action='store_true', help='show Python tracebacks for user errors')
-    parser.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
+    parser.add_argument('paths', nargs='*', metavar='PATH', help='image files or folders')
     args = parser.parse_args(argv)
+    if not args.paths:
+        if args.opts:  # everything after --opts was taken as KEY VALUE pairs, the paths included
+            parser.error(f'no PATH given: --opts took every word after it ({shown(args.opts)}); end the KEY VALUE '
+                         f'pairs with -- before the paths: --opts KEY VALUE -- PATH ...')
+        parser.error('no PATH given: name at least one image file or folder')
     if not args.resume and not args.onnx:
         parser.error('pass --resume CKPT (PyTorch) or --onnx FILE (ONNX Runtime)')
     if args.batch_size is not None and args.batch_size < 1:
@@ -63,11 +69,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def find_images(paths: list[str]) -> tuple[list[str], list[str]]:
+def find_images(paths: list[str], notes: Optional[list[str]] = None) -> tuple[list[str], list[str]]:
     """The image files named by ``paths`` (files as given, folders searched recursively in sorted order), each
     file once (by its resolved path, first occurrence kept), and one message per path that gave nothing.
 
-    A folder reached twice (a symbolic link to a parent, a loop, two links to one folder) is searched once."""
+    A folder reached twice (a symbolic link to a parent, a loop, two links to one folder) is searched once. Only
+    regular files (and links to them) are images: a FIFO, socket or device named like one gets a message and is
+    never opened (that can block forever). ``notes`` gets one line per folder with files of other extensions."""
     files, problems, seen_files, seen_dirs = [], [], set(), set()
 
     def add(path: str) -> None:
@@ -81,12 +89,14 @@ def find_images(paths: list[str]) -> tuple[list[str], list[str]]:
             add(path)
             continue
         if not os.path.isdir(path):
-            problems.append(f"skipping '{path}': no such file or folder")
+            kind = special_file_kind(path)
+            problems.append(f"skipping '{path}': no such file or folder" if kind == 'missing'
+                            else f"skipping '{path}': it is {kind}, not an image file")
             continue
         st = os.stat(path)
         if (st.st_dev, st.st_ino) in seen_dirs:  # given twice, or inside a folder given before: listed already
             continue
-        found = []
+        found, ignored = [], Counter()
         unreadable = lambda e: problems.append(f"skipping '{e.filename}': {e.strerror}")  # noqa: E731
         for root, dirs, names in os.walk(path, onerror=unreadable, followlinks=True):
             st = os.stat(root)
@@ -95,8 +105,21 @@ def find_images(paths: list[str]) -> tuple[list[str], list[str]]:
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))  # sorted: which link to a folder wins is fixed
-            found += [os.path.join(root, n) for n in names
-                      if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]
+            for n in names:
+                if n.startswith('.'):
+                    continue
+                if not n.lower().endswith(IMAGE_EXTENSIONS):
+                    ignored[os.path.splitext(n)[1].lower() or '(none)'] += 1
+                    continue
+                kind = special_file_kind(os.path.join(root, n))
+                if kind is None:
+                    found.append(os.path.join(root, n))
+                else:
+                    problems.append(f"skipping '{os.path.join(root, n)}': it is {kind}, not an image file")
+        if ignored and notes is not None:
+            kinds = ', '.join(f'{ext}: {k}' for ext, k in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))[:8])
+            notes.append(f"note: '{path}': {sum(ignored.values())} files ignored for their extension ({kinds}; "
+                         f"images are {', '.join(IMAGE_EXTENSIONS)})")
         if not found:
             problems.append(f"skipping '{path}': no image files in it (extensions {', '.join(IMAGE_EXTENSIONS)})")
         for f in sorted(found, key=lambda p: p.split(os.sep)):
@@ -192,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
         failures += 1
         print(line, file=sys.stderr, flush=True)
 
-    files, problems = find_images(args.paths)
+    notes: list[str] = []
+    files, problems = find_images(args.paths, notes)
+    for line in notes:
+        print(line, file=sys.stderr, flush=True)
     for line in problems:
         report(line)
     fmt = format_json if args.json else format_text

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Sampler
 
-from .build import (Data, DataError, ResumableDistributedSampler, ShardSampler, _loader, build_mixup,
+from .build import (Data, DataError, ResumableDistributedSampler, ShardSampler, _loader, build_mixup, check_batches,
                     describe_split)
 from .device_loader import worker_transform
 from .samplers import ContiguousSampler, ShardShareSampler, StridedShareSampler
@@ -146,9 +146,7 @@ def build_encoded_loader(config, rank: int, world_size: int, logger: Optional[lo
                         f'(validation never skips images)')
     if logger is not None:
         logger.info(f'data: {len(dataset_val)} validation image headers read in {time.perf_counter() - t0:.1f} s')
-    if len(sampler) < config.DATA.BATCH_SIZE:
-        raise DataError(f"the training set gives {len(sampler)} images per process, fewer than one batch of "
-                        f"{config.DATA.BATCH_SIZE}; lower --batch-size")
+    check_batches(config, len(sampler))
     loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin,
                            device=device, is_train=True)
     return Data(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config), classes)

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .build import DECODE_ERRORS, DataError, UnreadableImageError, to_rgb
+from .build import (DECODE_ERRORS, DataError, UnreadableImageError, UnsupportedImageError, _geometry_problem,
+                    open_image_file, to_rgb)
 from utils import seed_cpu_generators
 
 
@@ -34,16 +35,21 @@ class DecodeFailed(Exception):
 READ_ERRORS = DECODE_ERRORS + (zipfile.BadZipFile, DecodeFailed, EOFError)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """The image encoded in ``data``, decoded, as 8-bit RGB."""
+def open_lazy(data: bytes) -> Image.Image:
+    """The image encoded in ``data`` with its header read and its pixels not yet decoded; its shape checked from the
+    header as for files (``data.build._geometry_problem``: a thin image would cost gigapixels when resized)."""
     img = Image.open(io.BytesIO(data))
+    problem = _geometry_problem(img)
+    if problem:
+        raise UnsupportedImageError(problem)
+    return img
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """The image encoded in ``data``, decoded, as 8-bit RGB (checked as ``open_lazy`` checks it)."""
+    img = open_lazy(data)
     img.load()
     return to_rgb(img)
-
-
-def open_lazy(data: bytes) -> Image.Image:
-    """The image encoded in ``data`` with its header read and its pixels not yet decoded."""
-    return Image.open(io.BytesIO(data))
 
 
 class EncodedImages(Dataset):
@@ -114,7 +120,7 @@ class FileImages(EncodedImages):
 
     def read(self, index: int) -> tuple[bytes, int]:
         path, label = self.samples[index]
-        with open(path, 'rb') as f:
+        with open_image_file(path) as f:  # a regular file only (a FIFO swapped in would block an open)
             return f.read(), label
 
     def describe(self, index: int) -> str:

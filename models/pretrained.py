@@ -104,6 +104,38 @@ def _check_weights_source(variant: str, pretrained_cfg: Any) -> None:
         raise ValueError(f'{variant}: no pretrained weights are downloaded; {_LOAD_A_FILE} ({weights})')
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{variant}: pretrained file not found: '{path}'")
+    kind = _not_weights(path) if path else None
+    if kind:
+        raise ValueError(f"{variant}: pretrained file '{path}' is {kind}, not a weights file; pass the .pth or "
+                         f".safetensors file")
+
+
+def _not_weights(path: str) -> Optional[str]:
+    """What ``path`` is when its first bytes show it is no weights file timm reads (PyTorch zip or pickle,
+    safetensors), e.g. 'a text file (a YAML config?)'; None when it may be one."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':  # PyTorch's zip format, or its legacy pickle
+        return None
+    if len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') > 0:  # safetensors header
+        return None
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError:
+        return 'in an unknown format'
+    return 'an empty file' if not head else 'a text file (a YAML config?)'
+
+
+# Rates a module draws probabilities from: outside [0, 1) they fail only in the first training step.
+_RATE_KWARGS = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate')
+
+
+def _check_rates(variant: str, kwargs: dict) -> None:
+    for name in _RATE_KWARGS:
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0.0 <= value < 1.0):
+            raise ValueError(f'{variant}: {name} must be a number in [0, 1), got {value!r}')
 
 
 def create(cls: Callable[..., nn.Module], variant: str, pretrained: bool, num_stages: int, **kwargs: Any) -> nn.Module:
@@ -114,6 +146,7 @@ def create(cls: Callable[..., nn.Module], variant: str, pretrained: bool, num_st
     ``device``, ``dtype``). ``features_only=True`` wraps the model in timm's ``FeatureGetterNet`` (one map per
     stage, ``out_indices`` of ``range(num_stages)``).
     """
+    _check_rates(variant, kwargs)
     if pretrained:
         _check_weights_source(variant, resolve_pretrained_cfg(
             variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')))

@@ -57,3 +57,14 @@ def digits_dir(tmp_path_factory) -> str:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, digits_dir):
+    """A finished 1-epoch run of a tiny model on the digits: its output folder (ckpt_epoch_0, best, metrics)."""
+    from test_reliability import FAST, TINY, main_py
+    out = tmp_path_factory.mktemp('tiny')
+    proc = main_py(['--cfg', DEMO_CFG, '--data-path', digits_dir, '--output', str(out),
+                    '--opts', 'TRAIN.EPOCHS', '1', *FAST, *TINY], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / 'msg_demo' / 'default'

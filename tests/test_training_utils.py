@@ -270,7 +270,7 @@ def test_auto_resume_skips_corrupt_newest_and_prune(tmp_path):
     (tmp_path / 'ckpt_epoch_5.pth.tmp.1234').write_bytes(b'a save cut short by SIGKILL')
     found = find_resume_checkpoint(str(tmp_path), LOG)
     assert found is not None and found[0].endswith('ckpt_epoch_3.pth') and found[1]['epoch'] == 4
-    assert not (tmp_path / 'ckpt_epoch_5.pth.tmp.1234').exists()
+    assert (tmp_path / 'ckpt_epoch_5.pth.tmp.1234').exists()   # another process's: only its run's successor removes it
     prune_checkpoints(str(tmp_path), keep=2)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ['ckpt_epoch_3.pth', 'ckpt_epoch_4.pth']
 

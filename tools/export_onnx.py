@@ -13,6 +13,7 @@ metadata for ``predict.py --onnx`` (``deploy`` module docstring). Needs ``requir
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointError  # noqa: E402
-from config import ConfigError, load_config_file  # noqa: E402
+from config import ConfigError, add_opts_argument, load_config_file, shown  # noqa: E402
 from deploy import (EXPORT_RTOL, ExportError, build_inference_model, check_onnx_against_eager,  # noqa: E402
                     export_onnx, onnx_metadata, require)
 
@@ -30,7 +31,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
     parser.add_argument('--resume', required=True, metavar='CKPT', help='checkpoint to export (ours or official)')
-    parser.add_argument('--opts', nargs='+', default=None, help="config overrides, 'KEY VALUE' pairs")
+    add_opts_argument(parser, "config overrides, 'KEY VALUE' pairs (end the list with -- before OUT)")
     parser.add_argument('--batch-size', type=int, default=2, help='batch the model is traced at (default 2)')
     parser.add_argument('--rtol', type=float, default=EXPORT_RTOL,
                         help=f'largest accepted relative error of ONNX Runtime vs eager (default {EXPORT_RTOL:.0e})')
@@ -39,17 +40,47 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error('--batch-size must be >= 1')
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        parser.error(f'--rtol must be a number > 0, got {args.rtol}')
     return args
+
+
+def check_output(out: str, inputs: dict[str, str]) -> None:
+    """Refuse, before the export, an OUT that is not a new or old .onnx file in a writable folder: a folder, an
+    input of this command (``inputs``: flag -> path), a checkpoint, another extension."""
+    if os.path.isdir(out):
+        raise ConfigError(f"OUT '{out}' is a folder; give the file to write, e.g. '{os.path.join(out, 'model.onnx')}'")
+    for flag, path in inputs.items():
+        if path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            raise ConfigError(f"OUT '{out}' is the file given with {flag}: an input is never written over; give "
+                              f"another file name")
+    if not out.lower().endswith('.onnx'):
+        raise ConfigError(f"OUT {shown(out)} must end in .onnx (the file written); a checkpoint or other file is "
+                          f"never replaced")
+    if os.path.isfile(out):
+        with open(out, 'rb') as f:
+            head = f.read(4)
+        if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':
+            raise ConfigError(f"OUT '{out}' is a PyTorch checkpoint (named .onnx): it is never written over; give "
+                              f"another file name")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"output folder '{folder}' does not exist")
+    probe = os.path.join(folder, f'.write-test-{os.getpid()}')
+    try:
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to the folder '{folder}' ({e.strerror}); choose another OUT") from None
 
 
 def export(args: argparse.Namespace) -> str:
     """Export, check, rename into place; returns the success line."""
+    check_output(args.out, {'--resume': args.resume, '--cfg': args.cfg})
     for module in ('onnx', 'onnxscript', 'onnxruntime'):  # all three, before any work
         require(module)
     config = load_config_file(args.cfg, args.opts)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"output folder '{out_dir}' does not exist")
     torch.manual_seed(0)
     model, class_names = build_inference_model(config, args.resume)
     size = config.DATA.IMG_SIZE
@@ -82,6 +113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.debug:
             raise
         print(f'error: {e}; {args.out} was not written', file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # the folder became unwritable, or the disk filled, during the export
+        if args.debug:
+            raise
+        print(f'error: could not write {args.out}: {e.strerror or e}; it was not written', file=sys.stderr, flush=True)
         return 1
 
 
