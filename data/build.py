@@ -177,7 +177,7 @@ def open_image_file(path: str):
 MAX_ASPECT_RATIO = 100
 
 
-def _geometry_problem(img: Image.Image) -> Optional[str]:
+def image_shape_problem(img: Image.Image) -> Optional[str]:
     width, height = img.size
     if min(width, height) < 1:
         return f'image of {width}x{height} pixels'
@@ -190,7 +190,7 @@ def _geometry_problem(img: Image.Image) -> Optional[str]:
 def load_rgb(path: str) -> Image.Image:
     with open_image_file(path) as f:
         img = Image.open(f)
-        problem = _geometry_problem(img)  # from the header, before the pixels are decoded
+        problem = image_shape_problem(img)  # from the header, before the pixels are decoded
         if problem:
             raise UnsupportedImageError(problem)
         img.load()
@@ -202,7 +202,7 @@ def _header_problem(path: str) -> Optional[str]:
     pixels."""
     try:
         with open_image_file(path) as f, Image.open(f) as img:
-            return _geometry_problem(img) or _mode_problem(img)
+            return image_shape_problem(img) or _mode_problem(img)
     except DECODE_ERRORS as e:
         return f'{type(e).__name__}: {e}'
 

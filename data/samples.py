@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .build import (DECODE_ERRORS, DataError, UnreadableImageError, UnsupportedImageError, _geometry_problem,
+from .build import (DECODE_ERRORS, DataError, UnreadableImageError, UnsupportedImageError, image_shape_problem,
                     open_image_file, to_rgb)
 from utils import seed_cpu_generators
 
@@ -37,9 +37,9 @@ READ_ERRORS = DECODE_ERRORS + (zipfile.BadZipFile, DecodeFailed, EOFError)
 
 def open_lazy(data: bytes) -> Image.Image:
     """The image encoded in ``data`` with its header read and its pixels not yet decoded; its shape checked from the
-    header as for files (``data.build._geometry_problem``: a thin image would cost gigapixels when resized)."""
+    header as for files (``data.build.image_shape_problem``: a thin image would cost gigapixels when resized)."""
     img = Image.open(io.BytesIO(data))
-    problem = _geometry_problem(img)
+    problem = image_shape_problem(img)
     if problem:
         raise UnsupportedImageError(problem)
     return img
