@@ -211,9 +211,8 @@ def check_image_headers(paths: Sequence[str], what: str = 'validation') -> None:
     """Raise DataError naming the first of ``paths`` whose header Pillow cannot read (empty, not an image, an
     unknown format, an unsupported mode), and how many more there are.
 
-    Reading a header costs a file open and a few KB, not a decode: ~35 us per file with the files in the page
-    cache (2 s for ImageNet's 50,000; a full decode is 1.6-4 ms per file), so a broken validation image is found
-    before the first epoch instead of after it. A file truncated inside its pixel data passes this check; it is
+    Reading a header costs a file open and a few KB, not a decode (docs/reliability.md gives its cost), so a broken
+    validation image is found before the first epoch instead of after it. A file truncated inside its pixel data passes this check; it is
     found when validation decodes it, which is then an error (validation never skips images)."""
     bad = [(p, problem) for p in paths if (problem := _header_problem(p))]
     if bad:
