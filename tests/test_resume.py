@@ -221,3 +221,21 @@ def test_ranks_check_that_they_resumed_the_same_place(tmp_path):
     from conftest import free_port
     tmp_mp.spawn(_ranks_agree, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f'{r}.pt') for r in (0, 1)] == [(True, False), (True, False)]
+
+
+def test_a_checkpoint_with_the_old_cpu_kernel_choices_still_resumes(tmp_path):
+    """Checkpoints written before the kernel choices became the run's business carry 'cpu_kernels' (and the config
+    text a MODEL.CPU_KERNELS key): they load, the choices ignored; new checkpoints carry neither."""
+    path = _our_checkpoint(tmp_path, 5, 16, 2, 1)
+    ckpt = load_checkpoint_file(path)
+    assert 'cpu_kernels' not in ckpt and 'CPU_KERNELS' not in ckpt['config']
+    ckpt['cpu_kernels'] = {'machine': {'cpu': 'AMD EPYC', 'capability': 'AVX512', 'torch': '2.14.1'},
+                           'decisions': [[['linear', 2, [[8, 96], 'torch.float32']], 'fused']]}
+    ckpt['config'] = ckpt['config'].replace('MODEL:\n', 'MODEL:\n  CPU_KERNELS: auto\n', 1)
+    old = str(tmp_path / 'old.pth')
+    torch.save(ckpt, old)
+    cfg, model, optimizer, scaler, _ = _setup(OFFICIAL['official_msg_train.pth'])
+    state = TrainState()
+    restore_training(load_checkpoint_file(old), old, model=model, optimizer=optimizer, scaler=scaler, model_ema=None,
+                     state=state, batch_size=16, world_size=2, accumulation=1, updates_per_epoch=100, logger=LOG)
+    assert state.epoch == 3 and state.step_in_epoch == 5
