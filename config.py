@@ -505,8 +505,6 @@ def update_config(config: CN, args: Any) -> None:
     for dest, (key, value) in SWITCH_KEYS.items():  # after the opt level: --disable-amp wins over it
         if getattr(args, dest, None):
             from_flag(key, value, f"--{dest.replace('_', '-')}")
-    from distributed import launcher_env  # lazily: distributed imports this module
-    config.LOCAL_RANK = launcher_env().local_rank
     fused = [f'--{flag}' for flag in ('fused_window_process', 'fused_layernorm') if getattr(args, flag, None)]
     if fused:
         _notes.append(f"{' and '.join(fused)}: accepted for the official commands; nothing to fuse here (window "

@@ -207,6 +207,9 @@ def setup(args: argparse.Namespace) -> Run:
         keep_freed_memory()  # no page faults for tensors freed and made again every step (utils.keep_freed_memory)
     prepare_output(config.OUTPUT)
     rank, world_size = init_distributed(device)
+    config.defrost()
+    config.LOCAL_RANK = launcher_env().local_rank  # recorded in config.yaml, as Swin's config has it
+    config.freeze()
     lock_note = own_output_folder(config.OUTPUT, rank)  # before the first line is written there
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # as both official mains: fixed input sizes, convolutions tuned once

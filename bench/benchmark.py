@@ -48,44 +48,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: config, models and utils come from the repository root
 
 
-def official_model_file(cfg, root: str) -> str:
-    """The file of the official checkout at ``root`` that defines ``cfg``'s model (it may not exist)."""
-    if cfg.MODEL.TYPE == 'msg':
-        return os.path.join(root, 'models', 'msg_transformer.py')
-    variant = cfg.MODEL.NAME.split('-')[-1]          # MG-SSAF-T / -S / -B: one official file each
-    return os.path.join(root, 'models', f'MS-SSAF-{variant}.py')
-
-
-def _official_model(cfg, root: str):
-    """The official implementation of ``cfg``'s model, imported from a checkout at ``root`` (not part of this
-    repository: clone hustvl/MSG-Transformer or shuaiyang11/MG-SSAF yourself)."""
-    import importlib.util
-    path = official_model_file(cfg, root)
-    if cfg.MODEL.TYPE == 'msg':
-        factory = 'MSGTransformer'
-        m = cfg.MODEL.MSG
-        kwargs = dict(img_size=cfg.DATA.IMG_SIZE, patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, num_classes=cfg.MODEL.NUM_CLASSES,
-                      embed_dim=m.EMBED_DIM, depths=list(m.DEPTHS), num_heads=list(m.NUM_HEADS), window_size=m.WINDOW_SIZE,
-                      mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, qk_scale=m.QK_SCALE, drop_path_rate=0.0, ape=m.APE,
-                      patch_norm=m.PATCH_NORM, shuffle_size=list(m.SHUF_SIZE), manip_type=m.MANIP_TYPE)
-    else:  # as ours is measured: no stochastic depth (the official constructor's default is 0.2)
-        factory = 'MGSSAF'
-        kwargs = dict(img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_path_rate=0.0)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"official model file not found: '{path}'")
-    spec = importlib.util.spec_from_file_location(f'official_{os.path.basename(path)[:-3].replace("-", "_")}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, factory)(**kwargs)
-
-
 def _build(spec: dict, img_size: Optional[int]):
     import torch  # noqa: F401
     import models  # noqa: F401  (registers ours with timm too)
     if spec['kind'] == 'official':
+        from bench.official import official_model
         from config import load_config_file
         cfg = load_config_file(spec['name'], ['DATA.IMG_SIZE', str(img_size)] if img_size else [])
-        return _official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)', None
+        return official_model(cfg, spec['root']), cfg.DATA.IMG_SIZE, f'{cfg.MODEL.NAME} (official)', None
     if spec['kind'] in ('cfg', 'baseline'):  # a baseline's process imports config and models from its checkout
         from config import load_config_file
         from models import build_model

@@ -159,7 +159,7 @@ def saved_bytes_table(cfgs: list[str], official_msg: str = '', official_mgssaf: 
                       amp_dtype: str = 'float16') -> list[str]:
     """Lines of a table: each config's saved-for-backward bytes at ``batch_size``, beside its official model's
     (from a checkout, when given)."""
-    from bench.benchmark import _official_model
+    from bench.official import official_model
     from config import load_config_file
     from models import build_model
     dtype = getattr(torch, amp_dtype)
@@ -170,7 +170,7 @@ def saved_bytes_table(cfgs: list[str], official_msg: str = '', official_mgssaf: 
         size = cfg.DATA.IMG_SIZE
         ours = saved_bytes(lambda: build_model(cfg), batch_size, size, dtype)
         root = official_msg if cfg.MODEL.TYPE == 'msg' else official_mgssaf
-        off = saved_bytes(lambda: _official_model(cfg, root), batch_size, size, dtype) if root else None
+        off = saved_bytes(lambda: official_model(cfg, root), batch_size, size, dtype) if root else None
         line = f'{cfg.MODEL.NAME:24s} {ours / GIB:9.3f}'
         if off:
             line += f' {off / GIB:13.3f} {ours / off:5.2f}x'

@@ -627,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not os.path.isfile(args.cfg):
         parser.error(f"config file not found: '{args.cfg}'")
     if args.official:  # before any work: the official file this config needs
-        from bench.benchmark import official_model_file
+        from bench.official import official_model_file
         from config import load_config_file
         path = official_model_file(load_config_file(args.cfg), args.official)
         if not os.path.isfile(path):
@@ -641,7 +641,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return main_stages(args)
     import torch
     torch.set_num_threads(args.threads)
-    from bench.benchmark import _official_model, measure_machine
+    from bench.benchmark import measure_machine
+    from bench.official import official_model
     from config import load_config_file
     from utils import keep_freed_memory
     keep_freed_memory()
@@ -651,7 +652,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ops = {'ours': {}, 'official': {}}
     rows = [('ours', profile(_ours(cfg), x, args.steps, args.train, ops['ours'], args.by_shape))]
     if args.official:
-        rows.append(('official', profile(_official_model(cfg, args.official), x, args.steps, args.train,
+        rows.append(('official', profile(official_model(cfg, args.official), x, args.steps, args.train,
                                          ops['official'], args.by_shape)))
     print(f"{machine['device_name']}, float32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, {args.threads} threads; "
           f"{cfg.MODEL.NAME}, batch {args.batch_size}, {'training step' if args.train else 'inference'}")

@@ -500,5 +500,6 @@ def test_official_models_are_built_as_ours_is_measured(tmp_path, cfg_file, path)
                                  '        self.kwargs = kwargs\n'
                                  'MSGTransformer = MGSSAF = _Recorder\n')
     cfg = load_config_file(os.path.join(ROOT, 'configs', cfg_file), ['DATA.IMG_SIZE', '448', 'MODEL.NUM_CLASSES', '10'])
-    kwargs = benchmark._official_model(cfg, str(tmp_path)).kwargs
+    from bench.official import official_model
+    kwargs = official_model(cfg, str(tmp_path)).kwargs
     assert kwargs['drop_path_rate'] == 0.0 and kwargs['img_size'] == 448 and kwargs['num_classes'] == 10

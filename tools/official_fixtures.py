@@ -206,14 +206,14 @@ def saved_bytes_fixture(msg_root: str, mgssaf_root: str) -> None:
     """``official_saved_bytes.json``: the official T models' activation memory at batch 32, float16 (fake CUDA)."""
     import torch
     sys.path.insert(0, ROOT)
-    from bench.benchmark import _official_model
+    from bench.official import official_model
     from bench.fake_cuda import saved_bytes
     from config import load_config_file
     batch, out = 32, {}
     for name, cfg_file, root in (('msg_tiny', 'msg_tiny_p4_win7_224.yaml', msg_root),
                                  ('mgssaf_tiny', 'MG-SSAF/MG-SSAF-T.yaml', mgssaf_root)):
         cfg = load_config_file(os.path.join(ROOT, 'configs', cfg_file), ['MODEL.DROP_PATH_RATE', '0.0'])
-        out[name] = saved_bytes(lambda: _official_model(cfg, root), batch, cfg.DATA.IMG_SIZE, torch.float16)
+        out[name] = saved_bytes(lambda: official_model(cfg, root), batch, cfg.DATA.IMG_SIZE, torch.float16)
     doc = {'batch_size': batch, 'dtype': 'float16', 'img_size': 224, 'saved_bytes': out,
            'note': 'saved-for-backward bytes of one training forward of the official model on fake CUDA; '
                    'tools/official_fixtures.py --saved-bytes-only'}
