@@ -53,7 +53,8 @@ _C.DATA.CHECK_OVERLAP = True         # refuse validation images that are trainin
 # the encoded images in memory: 'no', 'full' (all of them on every rank) or 'part' (each rank its own share).
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'
-# Training crops decoded at reduced size (JPEG draft mode) and resized with a reducing gap: faster, other pixels.
+# Training crops decoded at reduced size (JPEG draft mode) and resized bilinearly with a reducing gap, RandAugment's
+# geometric ops bilinear: faster, other pixels.
 _C.DATA.FAST_DECODE = False
 _C.DATA.MEAN = (0.485, 0.456, 0.406)
 _C.DATA.STD = (0.229, 0.224, 0.225)

@@ -17,8 +17,9 @@ ends them with the run.
 
 ``DATA.FAST_DECODE`` replaces the training crop by ``FastResizedCrop``: JPEG draft mode (the decoder scales by 1/2,
 1/4 or 1/8 in the DCT domain) when the crop is shrunk by 1.5x or more, and one bilinear resize of the crop box (with a
-reducing gap) instead of a crop and a bicubic resize. Other pixels, the same random draws; evaluation is never
-changed. docs/data.md has the measurements behind these choices.
+reducing gap) instead of a crop and a bicubic resize; the auto-augmentation's rotations, shears and translations
+resample bilinearly too (``with_fast_resample``). Other pixels, the same random draws; evaluation is never changed.
+docs/data.md has the measurements behind these choices.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -46,7 +48,8 @@ REDUCING_GAP: Optional[float] = 3.0
 MAX_DRAFT_REDUCTION = 8  # the JPEG decoder scales by 1/2, 1/4 or 1/8
 # A crop shrunk by 1.5x or more is decoded at 1/2 (then at most a 1.33x upscale); by 3x or more at 1/4, and so on.
 MIN_DRAFT_SHRINK = 1.5
-# The fast crop resamples bilinearly (a narrower antialias filter than bicubic's: fewer taps per pixel).
+# The fast path resamples bilinearly (a narrower filter than bicubic's: fewer taps per pixel), in the crop and in
+# the auto-augmentation's geometric ops.
 FAST_RESAMPLE: Optional[int] = Image.BILINEAR
 
 
@@ -119,6 +122,23 @@ class FastResizedCrop(RandomResizedCropAndInterpolation):
         return img.resize((out_w, out_h), resample, box=box, reducing_gap=REDUCING_GAP)
 
 
+def with_fast_resample(op: Callable) -> Callable:
+    """``op`` itself, or for timm's auto-augmentations (RandAugment, AutoAugment, AugMix) a copy whose geometric ops
+    (rotate, shear, translate) resample with ``FAST_RESAMPLE``: Pillow's affine transform is its costliest step. A
+    random choice of resampling stays a random choice (of as many, all ``FAST_RESAMPLE``): the same random draws."""
+    if FAST_RESAMPLE is None or not isinstance(op, (AutoAugment, RandAugment, AugMixAugment)):
+        return op
+    op = copy.deepcopy(op)
+    augment_ops = [a for sub in op.policy for a in sub] if isinstance(op, AutoAugment) else op.ops
+    for augment in augment_ops:
+        resample = augment.kwargs.get('resample')
+        if isinstance(resample, (tuple, list)):
+            augment.kwargs['resample'] = (FAST_RESAMPLE,) * len(resample)
+        elif resample is not None:
+            augment.kwargs['resample'] = FAST_RESAMPLE
+    return op
+
+
 class WorkerTransform(NamedTuple):
     """What the workers run, and the tail the device runs after it."""
     transform: Callable
@@ -131,7 +151,8 @@ def split_transform(full: transforms.Compose, fast: bool = False) -> WorkerTrans
     """``full`` (``data.build.build_transform``) cut before its tensor tail; the tail's constants for the device.
 
     The worker part ends with ``ToHWC`` (uint8, no scaling), followed by an ``EraseRecorder`` when the tail
-    erases. ``fast`` replaces a leading random resized crop by ``FastResizedCrop``."""
+    erases. ``fast`` replaces a leading random resized crop by ``FastResizedCrop`` and resamples the
+    auto-augmentation's geometric ops with ``FAST_RESAMPLE`` (``with_fast_resample``)."""
     ops = list(full.transforms)
     cut = next(k for k, op in enumerate(ops) if isinstance(op, (MaybeToTensor, transforms.ToTensor)))
     tail = ops[cut + 1:]
@@ -144,6 +165,8 @@ def split_transform(full: transforms.Compose, fast: bool = False) -> WorkerTrans
         fast_crop = FastResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio)
         fast_crop.interpolation = crop.interpolation
         head[0] = fast_crop
+    if fast:
+        head = [with_fast_resample(op) for op in head]
     worker = head + [ToHWC()] + ([EraseRecorder(erasing)] if erasing is not None else [])
     mean = tuple(float(m) for m in torch.as_tensor(normalize.mean).flatten())
     std = tuple(float(s) for s in torch.as_tensor(normalize.std).flatten())

@@ -21,6 +21,7 @@ from data.zipped import ZipImages, load_zip_split
 from test_reliability import assert_one_line_error, main_in_process
 from tools.make_shards import make_shards
 from tools.make_zip import make_zip
+from utils import seed_cpu_generators
 
 SHARD_SIZE = 37  # 200 training images: 5 full shards and one of 15
 
@@ -108,6 +109,39 @@ def test_fast_crop_draws_the_same_crop_and_decodes_jpegs_at_reduced_size(monkeyp
         assert got.shape == want.shape == (112, 112, 3)
         assert 0 < np.abs(got - want).mean() < 6                        # other pixels, the same picture
     assert drafts and all(w < 500 for w, _ in drafts)                   # every crop here shrinks by >= 2x
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'random'])
+def test_fast_path_augments_with_bilinear_geometry_and_the_same_draws(monkeypatch, interpolation):
+    """The fast path's RandAugment rotates, shears and translates bilinearly (the exact path keeps the config's
+    resampling), and every transform draws the same random numbers in both paths."""
+    cfg = _cfg('unused', 'DATA.INTERPOLATION', interpolation)
+    full = build_transform(cfg, True)
+    exact, fast = split_transform(full).transform, split_transform(full, fast=True).transform
+    resamples = []
+    real_transform = Image.Image.transform
+
+    def transform_recorded(self, size, method, data=None, resample=Image.NEAREST, *args, **kwargs):
+        resamples.append(resample)
+        return real_transform(self, size, method, data, resample, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, 'transform', transform_recorded)   # rotate, shear and translate call it
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format='JPEG')
+    used = {}
+    for name, transform, image in (('exact', exact, lambda: Image.open(io.BytesIO(buf.getvalue())).convert('RGB')),
+                                   ('fast', fast, lambda: Image.open(io.BytesIO(buf.getvalue())))):
+        resamples.clear()
+        states = []
+        for seed in range(40):
+            seed_cpu_generators(seed)
+            transform(image())
+            states.append((random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()))
+        used[name], used[name + ' states'] = set(resamples), states
+    assert used['fast'] == {Image.BILINEAR}                                   # the geometric ops ran (~1/3 of images)
+    want = {Image.BICUBIC} if interpolation == 'bicubic' else {Image.BILINEAR, Image.BICUBIC}
+    assert used['exact'] == want
+    for (r1, n1, t1), (r2, n2, t2) in zip(used['exact states'], used['fast states']):
+        assert r1 == r2 and n1 == n2 and torch.equal(t1, t2)
 
 
 def test_fast_decode_trains_from_a_folder_and_skips_corrupt_files(tmp_path, digits_dir):
