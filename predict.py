@@ -33,7 +33,7 @@ from PIL import UnidentifiedImageError
 from checkpoint import CheckpointError, load_checkpoint_file
 from config import ConfigError, add_opts_argument, get_config, shown
 from data import DataError, build_transform
-from data.build import DECODE_ERRORS, load_rgb, special_file_kind
+from data.images import DECODE_ERRORS, load_rgb, special_file_kind
 from deploy import (META_CLASS_NAMES, META_PREPROCESS, build_inference_model, checkpoint_class_names, onnx_session,
                     preprocess_settings, run_session, session_metadata)
 from distributed import resolve_device

@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
-    import data.build  # noqa: F401 - timm's Posterize as old Pillow did it, for the official pipeline too (below)
+    import data.transforms  # noqa: F401 - timm's Posterize as old Pillow did it, for the official pipeline too (below)
     official_tf = official_transform(args.official)  # a wrong --official fails before any work
     from tools.make_shards import make_shards
     from tools.make_zip import make_zip

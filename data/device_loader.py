@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms.functional import pil_modes_mapping
 
+from .images import DECODE_ERRORS, to_rgb
 from .samples import DecodeFailed
+from .transforms import build_transform
 
 # Pillow's resize first reduces by an integer factor (box filter) while the image stays at least this many times the
 # output size, then resamples: the reducing_gap of Pillow's docs ("2.0 or 3.0: nearly indistinguishable").
@@ -100,7 +102,6 @@ class FastResizedCrop(RandomResizedCropAndInterpolation):
     ``DecodeFailed``."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        from .build import DECODE_ERRORS, to_rgb
         i, j, h, w = self.get_params(img, self.scale, self.ratio)
         interpolation = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
                          else self.interpolation)
@@ -289,5 +290,4 @@ def close_loaders() -> None:
 def worker_transform(config, is_train: bool) -> WorkerTransform:
     """The workers' part of ``data.build.build_transform(config, is_train)`` (``split_transform``); the fast decode
     only for training with ``DATA.FAST_DECODE``."""
-    from .build import build_transform
     return split_transform(build_transform(config, is_train), fast=is_train and bool(config.DATA.FAST_DECODE))

@@ -17,11 +17,13 @@ from typing import Optional
 import torch
 from torch.utils.data import Sampler
 
-from .build import (Data, DataError, ResumableDistributedSampler, ShardSampler, _loader, build_mixup, check_batches,
-                    describe_split)
 from .device_loader import worker_transform
-from .samplers import ContiguousSampler, ShardShareSampler, StridedShareSampler
-from .samples import EncodedImages
+from .images import DataError
+from .loader import Data, check_batches, data_loader
+from .samplers import (ContiguousSampler, ResumableDistributedSampler, ShardSampler, ShardShareSampler,
+                       StridedShareSampler)
+from .samples import EncodedImages, describe_split
+from .transforms import build_mixup
 from .shards import ShardImages, check_shard_split, is_shard_folder
 from .zipped import ZipImages, class_names, load_zip_split, zip_files
 
@@ -130,7 +132,7 @@ def build_encoded_loader(config, rank: int, world_size: int, logger: Optional[lo
     build = _zip_data if fmt == 'zip' else _shard_data
     classes, dataset_train, dataset_val, sampler, sampler_val = build(config, rank, world_size, logger, train, lazy)
     pin = bool(config.DATA.PIN_MEMORY) and device is not None and device.type == 'cuda'
-    loader_val = _loader(dataset_val, sampler_val, config, config.DATA.BATCH_SIZE, drop_last=False, pin_memory=pin,
+    loader_val = data_loader(dataset_val, sampler_val, config, config.DATA.BATCH_SIZE, drop_last=False, pin_memory=pin,
                          device=device, is_train=False)
     if not train:
         if logger is not None:
@@ -147,6 +149,6 @@ def build_encoded_loader(config, rank: int, world_size: int, logger: Optional[lo
     if logger is not None:
         logger.info(f'data: {len(dataset_val)} validation image headers read in {time.perf_counter() - t0:.1f} s')
     check_batches(config, len(sampler))
-    loader_train = _loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin,
+    loader_train = data_loader(dataset_train, sampler, config, config.DATA.BATCH_SIZE, drop_last=True, pin_memory=pin,
                            device=device, is_train=True)
     return Data(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config), classes)

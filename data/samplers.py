@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from utils import derive_seed
 
@@ -110,6 +110,43 @@ class ContiguousSampler(Sampler):
 
     def __init__(self, num_items: int, rank: int, world_size: int) -> None:
         self.indices = list(range(rank * num_items // world_size, (rank + 1) * num_items // world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """The training sampler of the official code (``DistributedSampler``, shuffled by (seed, epoch), padded to equal
+    shares), which can start after the first ``start_index`` items of this rank's share (mid-epoch resume; same
+    order as an uninterrupted epoch; ``start_index`` resets to 0 after use), and hands each index over with the seed
+    of its random transforms, derived from (seed, epoch, position in the epoch's global order).
+
+    Positions are global (rank r of W takes positions r, r + W, ...), so a sample's augmentation depends on the
+    epoch and the data order only, not on the process count, the batch size or the worker count.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())  # this rank's share, in the official order
+        for i in range(self.start_index, len(indices)):
+            position = i * self.num_replicas + self.rank
+            yield indices[i], derive_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``W`` takes items ``r, r+W, r+2W, ...``: no padding, no duplicates, in order."""
+
+    def __init__(self, num_items: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, num_items, world_size))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

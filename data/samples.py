@@ -16,14 +16,15 @@ import logging
 import os
 import warnings
 import zipfile
+from collections import Counter
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .build import (DECODE_ERRORS, DataError, UnreadableImageError, UnsupportedImageError, image_shape_problem,
-                    open_image_file, to_rgb)
+from .images import (DECODE_ERRORS, DataError, UnreadableImageError, UnsupportedImageError, image_shape_problem,
+                     open_image_file, to_rgb)
 from utils import seed_cpu_generators
 
 
@@ -125,3 +126,17 @@ class FileImages(EncodedImages):
 
     def describe(self, index: int) -> str:
         return f"'{self.samples[index][0]}'"
+
+
+def count_images(dataset: Dataset) -> dict[str, int]:
+    """Images per class of a built data set, by class name (every class listed, in label order)."""
+    counts = Counter(dataset.targets)
+    return {name: counts.get(i, 0) for i, name in enumerate(dataset.classes)}
+
+
+def describe_split(dataset: Dataset) -> str:
+    """One log line's worth: how many images a split holds, in how many classes, and the spread per class (an
+    odd maximum points at a folder that holds more than it should)."""
+    per_class = list(count_images(dataset).values())
+    return (f"'{dataset.root}': {len(dataset)} images in {len(per_class)} classes "
+            f"({min(per_class)}..{max(per_class)} per class)")

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from .build import DECODE_ERRORS, DataError, _mode_problem
+from .images import DECODE_ERRORS, DataError, mode_problem
 from .samples import EncodedImages
 
 CLASSES_FILE = 'classes.txt'
@@ -190,7 +190,7 @@ class ShardImages(EncodedImages):
             try:
                 data, _ = self.read(i)
                 with Image.open(io.BytesIO(data)) as img:
-                    problem = _mode_problem(img)
+                    problem = mode_problem(img)
             except DECODE_ERRORS as e:
                 problem = f'{type(e).__name__}: {e}'
             if problem:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .build import DECODE_ERRORS, DataError, _mode_problem
+from .images import DECODE_ERRORS, DataError, mode_problem
 from .samples import EncodedImages
 
 CACHE_MODES = ('no', 'full', 'part')
@@ -150,7 +150,7 @@ class ZipImages(EncodedImages):
             try:
                 stream = io.BytesIO(self.read(i)[0]) if self.slot[i] >= 0 else zf.open(member)
                 with stream, Image.open(stream) as img:
-                    problem = _mode_problem(img)
+                    problem = mode_problem(img)
             except DECODE_ERRORS + (zipfile.BadZipFile, EOFError) as e:
                 problem = f'{type(e).__name__}: {e}'
             if problem:

@@ -17,14 +17,14 @@ from PIL import Image
 import config as config_lib
 from config import ConfigError, get_config, load_config_file
 from conftest import DEMO_CFG, PYTHON, ROOT, subprocess_env
-from data.build import DataError, SafeImageFolder, UnsupportedImageError, build_loader, check_data_folder, \
-    check_image_headers, load_rgb
+from data.build import SafeImageFolder, build_loader, check_data_folder
+from data.images import DataError, UnsupportedImageError, check_image_headers, load_rgb
 from test_reliability import FAST, TINY, assert_one_line_error, main_in_process
 from test_reliability3 import _copy_digits, _one_error_line, _run_in_thread, _train_args, _unblock
 
 # Tests import what this round added inside their bodies, so that on the code before it each fails on its own
 # behaviour (a hang, a traceback, a wrong message) rather than all at once on an import.
-MAX_ASPECT_RATIO = 100  # data.build.MAX_ASPECT_RATIO
+MAX_ASPECT_RATIO = 100  # data.images.MAX_ASPECT_RATIO
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. tools/export_onnx.py: never over an input, refused before the export
@@ -431,7 +431,7 @@ def test_values_that_fail_late_are_refused_when_read(opts, message):
 
 
 def test_the_bounds_themselves_work():
-    from data.build import ResumableDistributedSampler
+    from data.samplers import ResumableDistributedSampler
     from utils import derive_seed, seed_everything
     for seed in (0, config_lib.MAX_SEED):
         cfg = load_config_file(DEMO_CFG, ['SEED', str(seed), 'TEST.CROP_PCT', '0.25'])

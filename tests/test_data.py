@@ -10,8 +10,11 @@ from PIL import Image
 
 from config import get_default_config, merge_opts
 from data import DataError, check_data_folder
-from data.build import (SafeImageFolder, ShardSampler, ResumableDistributedSampler, build_loader, build_transform,
-                        check_image_headers, count_images, list_images)
+from data.build import SafeImageFolder, build_loader, list_images
+from data.images import check_image_headers
+from data.samplers import ResumableDistributedSampler, ShardSampler
+from data.samples import count_images
+from data.transforms import build_transform
 from data.digits import export_digits
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 from config import get_default_config, merge_opts
 from conftest import DEMO_CFG
 from data import build_loader, build_transform, release_workers
-from data.build import SafeImageFolder, UnreadableImageError
+from data.build import SafeImageFolder
+from data.images import UnreadableImageError
 from data.device_loader import FastResizedCrop, split_transform
 from data.samplers import ContiguousSampler, ShardShareSampler, StridedShareSampler
 from data.shards import ShardImages, check_shard_split

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data import DataError
-from data.build import ALPHA_BACKGROUND, SafeImageFolder, UnsupportedImageError, load_rgb, check_image_headers, to_rgb
+from data.build import SafeImageFolder
+from data.images import ALPHA_BACKGROUND, UnsupportedImageError, check_image_headers, load_rgb, to_rgb
 
 H, W = 4, 64
 WHITE = ALPHA_BACKGROUND

@@ -13,7 +13,7 @@ from timm.models._manipulate import group_parameters
 
 from checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights, load_pretrained
 from config import load_config_file
-from data.build import build_transform
+from data.transforms import build_transform
 from fill import fill_
 from models import build_model
 from models.mg_ssaf import MGSSAF, to_official_state_dict

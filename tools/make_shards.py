@@ -18,7 +18,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.build import DataError, SafeImageFolder, check_data_folder  # noqa: E402
+from data.build import SafeImageFolder, check_data_folder  # noqa: E402
+from data.images import DataError  # noqa: E402
 from data.shards import CLASSES_FILE, INDEX_FILE  # noqa: E402
 
 

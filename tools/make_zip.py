@@ -18,7 +18,8 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.build import DataError, SafeImageFolder, check_data_folder  # noqa: E402
+from data.build import SafeImageFolder, check_data_folder  # noqa: E402
+from data.images import DataError  # noqa: E402
 
 
 def make_zip(src: str, dst: str, splits: tuple[str, ...] = ('train', 'val')) -> dict[str, int]:
