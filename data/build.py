@@ -21,7 +21,7 @@ import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -29,15 +29,13 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distributed import any_rank
-from utils import seed_cpu_generators
 
 from .device_loader import worker_transform
 from .formats import build_encoded_loader, data_format
-from .images import (DECODE_ERRORS, DataError, UnreadableImageError, check_image_headers, load_rgb, open_image_file,
-                     special_file_kind)
+from .images import DataError, check_image_headers, load_rgb, open_image_file, special_file_kind
 from .loader import Data, begin_run, check_batches, data_loader
 from .samplers import ResumableDistributedSampler, ShardSampler
-from .samples import FileImages, describe_split
+from .samples import FileImages, SkipsUnreadable, describe_split
 from .transforms import build_mixup
 
 
@@ -274,7 +272,7 @@ def check_split_overlap(dataset_train: 'SafeImageFolder', dataset_val: 'SafeImag
                         f"(or set DATA.CHECK_OVERLAP False if you mean it)")
 
 
-class SafeImageFolder(ImageFolder):
+class SafeImageFolder(SkipsUnreadable, ImageFolder):
     """ImageFolder that, for training, replaces an unreadable image by the next readable one.
 
     Returns ``(image, target, skipped)`` where ``skipped`` counts the unreadable files passed over, so the
@@ -310,32 +308,13 @@ class SafeImageFolder(ImageFolder):
             samples.extend((p, class_to_idx[name]) for p in paths)
         return samples
 
-    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
-        """``index``, or ``(index, seed)`` from ``ResumableDistributedSampler``: the random transforms of this sample
-        then draw from ``seed`` alone, whichever worker (or the main process) loads it."""
-        index, seed = index if isinstance(index, tuple) else (index, None)
-        skipped = 0
-        for attempt in range(len(self.samples)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                img = self.loader(path)
-            except DECODE_ERRORS as e:
-                if not self.skip_corrupt:
-                    raise UnreadableImageError(f"unreadable image '{path}': {type(e).__name__}: {e} "
-                                               f"(remove or replace the file)") from None
-                skipped += 1
-                msg = f"skipping unreadable training image '{path}': {type(e).__name__}"
-                if self.logger is not None:
-                    self.logger.warning(msg)
-                else:
-                    warnings.warn(msg)
-                continue
-            if self.transform is not None:
-                if seed is not None:
-                    seed_cpu_generators(seed)
-                img = self.transform(img)
-            return img, target, skipped
-        raise DataError(f"no readable image in '{self.root}'")
+    def decode_sample(self, index: int) -> tuple[object, int]:
+        """Sample ``index`` read as 8-bit RGB (``data.images.load_rgb``), before the transform."""
+        path, target = self.samples[index]
+        return self.loader(path), target
+
+    def describe(self, index: int) -> str:
+        return f"'{self.samples[index][0]}'"
 
 
 def report_listing(dataset: SafeImageFolder, what: str, logger: Optional[logging.Logger] = None) -> None:

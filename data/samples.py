@@ -53,7 +53,58 @@ def decode_rgb(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-class EncodedImages(Dataset):
+class SkipsUnreadable:
+    """``__getitem__`` of every image data set here: ``index``, or ``(index, seed)`` from the resumable samplers (the
+    sample's random transforms then draw from ``seed`` alone, whichever worker loads it), gives ``(image, target,
+    skipped)``. In training (``skip_corrupt``) an unreadable image is replaced by the next readable one, counted in
+    ``skipped`` and warned about by name; otherwise it is an ``UnreadableImageError`` naming it.
+
+    A subclass gives ``decode_sample(index) -> (image, label)`` (raising one of ``READ_ERRORS`` for a bad sample),
+    ``describe(index)``, ``transform``, ``skip_corrupt``, ``logger`` and ``root``. An error of the transform is not
+    a read error (a bug shows), except ``DecodeFailed``: a transform that decodes a lazily opened image raises it."""
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        skipped = 0
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                try:
+                    img, label = self.decode_sample(i)
+                except READ_ERRORS as e:
+                    raise _ReadFailed(e) from None
+                if self.transform is not None:
+                    if seed is not None:
+                        seed_cpu_generators(seed)
+                    try:
+                        img = self.transform(img)
+                    except DecodeFailed as e:
+                        raise _ReadFailed(e.__cause__ if e.__cause__ is not None else e) from None
+            except _ReadFailed as failed:
+                cause = failed.cause
+                if not self.skip_corrupt:
+                    raise UnreadableImageError(f"unreadable image {self.describe(i)}: {type(cause).__name__}: "
+                                               f"{cause} (remove or replace it)") from None
+                skipped += 1
+                msg = f'skipping unreadable training image {self.describe(i)}: {type(cause).__name__}'
+                if self.logger is not None:
+                    self.logger.warning(msg)
+                else:
+                    warnings.warn(msg)
+                continue
+            return img, label, skipped
+        raise DataError(f"no readable image in '{self.root}'")
+
+
+class _ReadFailed(Exception):
+    """A sample could not be read or decoded (``cause``): the one thing ``SkipsUnreadable`` skips."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class EncodedImages(SkipsUnreadable, Dataset):
     """Samples ``(where, label)``; subclasses implement ``read(index) -> (bytes, label)`` and may override
     ``describe``; the label read wins over the listed one (``targets``), which only tar shards do not know before.
 
@@ -82,38 +133,11 @@ class EncodedImages(Dataset):
         """How a message names sample ``index``."""
         return f"'{os.path.join(self.root, self.samples[index][0])}'"
 
-    def load(self, index: int, seed: Optional[int] = None) -> tuple[object, int]:
-        """Read, decode and transform sample ``index``: (image, label); raises one of ``READ_ERRORS`` for a bad
-        sample."""
+    def decode_sample(self, index: int) -> tuple[Image.Image, int]:
+        """Read and decode sample ``index`` (lazily: the header only): (image, label); raises one of ``READ_ERRORS``
+        for a bad sample."""
         data, label = self.read(index)
-        img = self.decode(data)
-        if self.transform is not None:
-            if seed is not None:
-                seed_cpu_generators(seed)
-            img = self.transform(img)
-        return img, label
-
-    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
-        index, seed = index if isinstance(index, tuple) else (index, None)
-        skipped = 0
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            try:
-                img, label = self.load(i, seed)
-            except READ_ERRORS as e:
-                cause = e.__cause__ if isinstance(e, DecodeFailed) and e.__cause__ is not None else e
-                if not self.skip_corrupt:
-                    raise UnreadableImageError(f"unreadable image {self.describe(i)}: {type(cause).__name__}: "
-                                               f"{cause} (remove or replace it)") from None
-                skipped += 1
-                msg = f'skipping unreadable training image {self.describe(i)}: {type(cause).__name__}'
-                if self.logger is not None:
-                    self.logger.warning(msg)
-                else:
-                    warnings.warn(msg)
-                continue
-            return img, label, skipped
-        raise DataError(f"no readable image in '{self.root}'")
+        return self.decode(data), label
 
 
 class FileImages(EncodedImages):

@@ -371,3 +371,16 @@ def test_bench_loader_times_every_pipeline_with_the_official_one(tmp_path):
     missing = subprocess.run(cmd + ['--official', str(tmp_path / 'none')], cwd=ROOT, env=subprocess_env(),
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: --official: no '")
+
+
+def test_a_failing_transform_is_not_taken_for_an_unreadable_image(packed, digits_dir):
+    """Every data set skips unreadable images in training; an error of the transforms (a bug, a bad augmentation
+    setting) is not one of them: it shows, in the folder's data set and in the encoded ones alike."""
+    def broken(img):
+        raise ValueError('a bug in a transform')
+    zip_path, samples = load_zip_split(packed['zip'], 'train')
+    folder = SafeImageFolder(os.path.join(digits_dir, 'train'), transform=broken, skip_corrupt=True)
+    zipped = ZipImages(zip_path, samples, [str(d) for d in range(10)], 'no', 0, 1, transform=broken, skip_corrupt=True)
+    for ds in (folder, zipped):
+        with pytest.raises(ValueError, match='a bug in a transform'):
+            ds[0]
