@@ -64,9 +64,10 @@ multiple of ws (and only there):
 * ``PatchMerging``: the stride-2 conv gives ceil(H/2); the shortcut's 2x2 average pool is ceil-mode, so on an
   odd side the last row / column is the mean of its in-bounds elements.
 
-No op argument depends on the input size, so ``torch.export`` with dynamic H, W and ``torch.jit.trace`` give
-graphs that serve every size (while tracing or exporting the local heads always take the padded path, a no-op
-at sizes that need none).
+No op argument depends on the input size, so ``torch.jit.trace`` at one size gives a graph that serves every
+size (while tracing the local heads always take the padded path, a no-op at sizes that need none).
+``torch.export`` with dynamic H, W does not yet succeed: its symbolic shapes cannot prove facts such as
+ws * ceil(H / ws) >= H that the padding and the ceil-mode pools rely on, and specialise.
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
@@ -117,39 +118,26 @@ class ConvNHWC(nn.Conv2d):
 
 
 def _ceil_div(size: int, k: int) -> int:
-    """ceil(size / k) for a positive size, in the form a strided conv's output size takes ((size - 1) // k + 1),
-    so that symbolic shapes (torch.export) see the two as one expression."""
+    """ceil(size / k) for a positive size, in the form a strided conv's output size takes ((size - 1) // k + 1)."""
     return (size - 1) // k + 1
 
 
 def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
-    """Average pooling of an NHWC tensor with stride = kernel, through a channels-last NCHW view. A partial window at
-    the bottom / right edge is the mean of its in-bounds elements (as ``ceil_mode=True`` computes it; done here by a
-    zero pad and a rescale, which export with dynamic sizes takes: ceil_mode's output size is a condition on the
-    size, a guard that pins an exported graph).
+    """Average pooling of an NHWC tensor with stride = kernel, through a channels-last NCHW view. ``ceil_mode``: a
+    partial window at the bottom / right edge is the mean of its in-bounds elements (no padding is counted); where
+    the kernel divides the map, the plain pool.
 
     Args:
         x: (B, H, W, C)
     Returns:
         (B, ceil(H / kh), ceil(W / kw), C)
     """
-    _, H, W, _ = x.shape
-    kh, kw = kernel_size
-    nh, nw = _ceil_div(H, kh), _ceil_div(W, kw)
-    partial = _always_pad() or nh * kh != H or nw * kw != W
-    if partial:
-        x = F.pad(x, (0, 0, 0, nw * kw - W, 0, nh * kh - H))  # B, nh*kh, nw*kw, C
-    out = F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, kernel_size).permute(0, 2, 3, 1)  # B, nh, nw, C
-    if partial:
-        # avg_pool divided the edge windows by kh*kw, padded zeros included: rescale to their in-bounds count.
-        rows = kh / (H - kh * torch.arange(nh, device=x.device)).clamp(max=kh)  # nh
-        cols = kw / (W - kw * torch.arange(nw, device=x.device)).clamp(max=kw)  # nw
-        out = out * (rows[:, None, None] * cols[:, None]).to(out.dtype)  # B, nh, nw, C
-    return out
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, kernel_size,
+                        ceil_mode=True).permute(0, 2, 3, 1)  # B, H', W', C
 
 
 def _always_pad() -> bool:
-    """True while tracing or exporting: the graph must then serve every input size, so the local windows take the
+    """True while tracing or compiling: the graph must then serve every input size, so the local windows take the
     padded path even where nothing needs padding (a zero pad and an all-False mask: the same values)."""
     if torch.jit.is_scripting():
         return False  # a scripted model runs Python's control flow on the real sizes
