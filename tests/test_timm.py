@@ -258,11 +258,13 @@ def test_set_input_size():
     model = timm.create_model('mg_ssaf_tiny', img_size=224)
     model.set_input_size(img_size=448)
     assert model.img_size == (448, 448)
-    with pytest.raises(ValueError, match='multiples of 224'):
-        model.set_input_size(img_size=384)
-    assert model.img_size == (448, 448)  # unchanged by the failed call
+    model.set_input_size(img_size=384)  # any size now (local windows padded, partial pools)
+    assert model.img_size == (384, 384)
+    with pytest.raises(ValueError, match='must be positive'):
+        model.set_input_size(img_size=0)
+    assert model.img_size == (384, 384)  # unchanged by the failed call
     model.set_input_size(img_size=384, window_size=6)
-    assert model.size_multiple == 192 and model.layers[1].blocks[0].attn.window_size == 6
+    assert model.size_multiple == 1 and model.layers[1].blocks[0].attn.window_size == 6
     msg = MSGTransformer(**MSG_SMALL)
     msg.set_input_size(img_size=96)  # any size (padded inside)
     assert msg.img_size == (96, 96)
