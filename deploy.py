@@ -4,7 +4,7 @@ Shared by ``predict.py``, ``tools/export_onnx.py`` and ``benchmark.py --onnxrunt
 checkpoint loader (``checkpoint.py``'s), one exporter and one way to run an ONNX file.
 
 ONNX files written here take one NCHW float32 input named ``image`` of shape (batch, 3, H, W), H and W fixed at
-export (``DATA.IMG_SIZE``), the batch dynamic, and return ``logits`` (batch, classes). They describe themselves
+export (``DATA.IMG_SIZE``) or, with ``dynamic_size``, any (the models pad inside), the batch dynamic, and return ``logits`` (batch, classes). They describe themselves
 in their ``metadata_props``: ``class_names`` (JSON list, when the checkpoint had them), ``preprocess`` (JSON: the
 eval transform's settings, which ``predict.py --onnx`` checks against its config), ``model_name`` and ``config``
 (the YAML the model was built from).
@@ -80,8 +80,11 @@ def preprocess_settings(config) -> dict:
             'mean': [float(v) for v in config.DATA.MEAN], 'std': [float(v) for v in config.DATA.STD]}
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write ``model`` (eval mode, CPU) as ONNX to ``path`` with a dynamic batch dimension.
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str, metadata: Optional[dict[str, str]] = None,
+                dynamic_size: bool = False) -> None:
+    """Write ``model`` (eval mode, CPU) as ONNX to ``path`` with a dynamic batch dimension (and dynamic H and W if
+    ``dynamic_size``: then trace at an example of at least two windows per side in every stage and batch >= 2, or
+    torch.export pins the sizes of one, ``dynamic_example``).
 
     ``torch.onnx.export(dynamo=True)``: torch.export traces the model with the batch as a symbol, so a size
     baked into the graph is an export error instead of a file that fails later (the TorchScript exporter
@@ -90,17 +93,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, metadata: Op
     require('onnx')
     require('onnxscript')
     batch = torch.export.Dim('batch', min=1)
+    dims = {0: batch, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC} if dynamic_size else {0: batch}
     try:
         # SDPA traced as its math composite: the CPU flash kernel's output layout would be baked into the views
         # after it, which the exporter's decomposition of that kernel does not keep.
         with sdpa_kernel(SDPBackend.MATH):
             program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                                        output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=(dims,))
         program.model.metadata_props.update(metadata or {})
         program.save(path, external_data=False)
     except Exception as e:  # noqa: BLE001 - the exporter fails in many ways; reported as one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise ExportError(f'torch.onnx.export failed: {type(e).__name__}: {first}') from e
+
+
+def dynamic_example(img_size: int, batch_size: int) -> torch.Tensor:
+    """The input to trace a model with dynamic H and W at: larger than ``img_size`` and not square (torch.export
+    specializes a size it sees as 1 or as equal to another), batch >= 2."""
+    return torch.randn(max(2, batch_size), 3, 2 * img_size + 1, 3 * img_size + 1)
 
 
 def onnx_session(path: str, device: torch.device = torch.device('cpu'), threads: Optional[int] = None):
@@ -145,31 +155,35 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_onnx_against_eager(model: nn.Module, path: str, img_size: int, batch_sizes: Sequence[int],
-                             rtol: float = EXPORT_RTOL, seed: int = 0) -> list[tuple[int, float]]:
-    """Run ``path`` in ONNX Runtime at each batch size and compare with ``model`` (eager, CPU) on the same
-    random batch; returns (batch, relative error) per size. ExportError if it does not load, run, or match."""
+                             rtol: float = EXPORT_RTOL, seed: int = 0,
+                             other_sizes: Sequence[tuple[int, int]] = ()) -> list[tuple[str, float]]:
+    """Run ``path`` in ONNX Runtime at each batch size (``img_size`` square), then at batch 1 at each of
+    ``other_sizes`` (H, W), and compare with ``model`` (eager, CPU) on the same random batch; returns (what,
+    relative error) per run. ExportError if it does not load, run, or match."""
     try:
         session = onnx_session(path)
     except ConfigError as e:
         raise ExportError(str(e)) from None
     gen = torch.Generator().manual_seed(seed)
     errors = []
-    for b in batch_sizes:
-        x = torch.randn(b, 3, img_size, img_size, generator=gen)
+    runs = [(f'batch {b}', b, img_size, img_size) for b in batch_sizes]
+    runs += [(f'{h}x{w}', 1, h, w) for h, w in other_sizes]
+    for what, b, h, w in runs:
+        x = torch.randn(b, 3, h, w, generator=gen)
         with torch.inference_mode():
             ref = model(x)
         try:
             out = run_session(session, x)
         except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f'ONNX Runtime fails on the exported file at batch {b}: {first}') from None
+            raise ExportError(f'ONNX Runtime fails on the exported file at {what}: {first}') from None
         if out.shape != ref.shape:
-            raise ExportError(f'ONNX Runtime returns {tuple(out.shape)} at batch {b}, eager {tuple(ref.shape)}')
+            raise ExportError(f'ONNX Runtime returns {tuple(out.shape)} at {what}, eager {tuple(ref.shape)}')
         err = relative_error(out, ref)
         if not err <= rtol:  # also catches NaN
-            raise ExportError(f'ONNX Runtime differs from eager by {err:.2e} (relative) at batch {b}, more than '
+            raise ExportError(f'ONNX Runtime differs from eager by {err:.2e} (relative) at {what}, more than '
                               f'the tolerance {rtol:.0e}')
-        errors.append((b, err))
+        errors.append((what, err))
     return errors
 
 

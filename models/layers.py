@@ -16,8 +16,31 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
-__all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'channels_last_weight_',
-           'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
+__all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'channels_last_weight_', 'size_free',
+           'crop', 'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def size_free() -> bool:
+    """Tracing, compiling or exporting: the graph must then serve every input size, so the models take their padded
+    path even where nothing needs padding (a zero pad and an all-True key mask: the same values). A scripted model
+    runs Python's control flow on the real sizes."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.jit.is_tracing() or _exporting()
+
+
+def crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``x[:, :H, :W]`` of an NHWC map; tracing or exporting, a gather (the strides of a view would pin the
+    exported graph to whether the example input needed padding)."""
+    if not size_free():
+        return x[:, :H, :W]
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    return x.index_select(1, rows).index_select(2, cols)
 
 
 def window_partition(x: torch.Tensor, window_size: int, group_size: int = 1) -> torch.Tensor:

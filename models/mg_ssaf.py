@@ -88,7 +88,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import channels_last_weight_
+from .layers import channels_last_weight_, crop, size_free
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -134,14 +134,6 @@ def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tenso
     """
     return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, kernel_size,
                         ceil_mode=True).permute(0, 2, 3, 1)  # B, H', W', C
-
-
-def _always_pad() -> bool:
-    """True while tracing or compiling: the graph must then serve every input size, so the local windows take the
-    padded path even where nothing needs padding (a zero pad and an all-False mask: the same values)."""
-    if torch.jit.is_scripting():
-        return False  # a scripted model runs Python's control flow on the real sizes
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class StemConv(nn.Module):
@@ -262,7 +254,7 @@ class MultiGranularityAttention(nn.Module):
         B, H, W, _ = qk.shape
         ws, nH, d = self.window_size, self.local_heads, self.head_dim
         nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
-        padded = _always_pad() or nWh * ws != H or nWw * ws != W
+        padded = size_free() or nWh * ws != H or nWw * ws != W
         if padded:
             qk = F.pad(qk, (0, 0, 0, nWw * ws - W, 0, nWh * ws - H))  # B, nWh*ws, nWw*ws, 2*nH*d
         qk = qk.view(B, nWh, ws, nWw, ws, 2, nH, d)  # B, nWh, ws, nWw, ws, 2, nH, d
@@ -278,7 +270,7 @@ class MultiGranularityAttention(nn.Module):
         out = self.local_fusion(attn, k.reshape(-1, nH, ws * ws, d))  # B*nW, nH, N, d
         out = out.view(B, nWh, nWw, nH, ws, ws, d)  # B, nWh, nWw, nH, ws, ws, d
         out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nWh * ws, nWw * ws, nH * d)  # B, Hp, Wp, nH*d
-        return out[:, :H, :W] if padded else out  # B, H, W, nH*d
+        return crop(out, H, W) if padded else out  # B, H, W, nH*d
 
     def _mask_padded_keys(self, row: torch.Tensor, col: torch.Tensor, H: int,
                           W: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -107,8 +107,8 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import (DropPath, Mlp, channels_last_weight_, relative_position_index, to_2tuple, trunc_normal_,
-                     window_partition, window_reverse)
+from .layers import (DropPath, Mlp, channels_last_weight_, crop, relative_position_index, size_free, to_2tuple,
+                     trunc_normal_, window_partition, window_reverse)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -123,18 +123,6 @@ MANIP_TYPES = ('shuf', 'none')
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-@torch.jit.unused
-def _exporting() -> bool:
-    return torch.compiler.is_exporting()
-
-
-def size_free() -> bool:
-    """Tracing or exporting: take the padded path at every size, so that the graph holds for other sizes."""
-    if torch.jit.is_scripting():
-        return False
-    return torch.jit.is_tracing() or _exporting()
 
 
 # The in-place writes below are one node each for torch.fx (``register_notrace_function``): traced op by op,
@@ -223,15 +211,6 @@ def stage_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int,
         B, h, w, C = msgs.shape
         msgs = msgs.view(B, h // gs, gs, w // gs, gs, C)
     return window_tokens(patches, msgs, ws, gs), key_mask
-
-
-def crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """``x[:, :H, :W]`` of an NHWC map; tracing or exporting, a gather (the strides of a view would pin the
-    exported graph to whether the example input needed padding)."""
-    if not size_free():
-        return x[:, :H, :W]
-    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-    return x.index_select(1, rows).index_select(2, cols)
 
 
 @register_notrace_function

@@ -279,6 +279,26 @@ def test_export_onnx_has_a_dynamic_batch_and_matches_eager(model, exported, chec
 
 
 @pytest.mark.parametrize('model', ['msg', 'mg_ssaf'])
+def test_export_onnx_with_a_dynamic_size_matches_eager_at_other_sizes(model, capsys, tmp_path, checkpoints):
+    """--dynamic-size: H and W free in the file; the tool checks 64x64 and two other sizes, this a third."""
+    need_onnx()
+    import onnx
+    from deploy import onnx_session, relative_error, run_session
+    from tools import export_onnx
+    path = str(tmp_path / f'{model}.onnx')
+    assert export_onnx.main(['--cfg', CONFIGS[model], '--resume', checkpoints(model)[0], '--dynamic-size', path]) == 0
+    line = capsys.readouterr().out
+    assert 'dynamic batch, height and width' in line and re.search(r'at 99x123, \S+ at 49x71 \(tolerance', line), line
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, False, True, True]
+    net = build_model(load_config_file(CONFIGS[model])).eval()
+    net.load_state_dict(torch.load(checkpoints(model)[0], weights_only=True)['model'])
+    x = torch.randn(2, 3, 90, 150)
+    with torch.inference_mode():
+        assert relative_error(run_session(onnx_session(path), x), net(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('model', ['msg', 'mg_ssaf'])
 def test_onnx_top5_equals_eager_on_the_digits(model, capsys, named_digits, checkpoints, exported):
     """The exported model's top-5 (predict.py --onnx, no PyTorch model, names from the file) equals eager's."""
     need_onnx()

@@ -1,7 +1,10 @@
 """Export a checkpoint to ONNX with a dynamic batch, and prove the file computes what the eager model does.
 
     python tools/export_onnx.py --cfg configs/msg_demo.yaml --resume best.pth model.onnx \
-        [--opts DATA.IMG_SIZE 128] [--batch-size 2] [--rtol 1e-5] [--debug]
+        [--opts DATA.IMG_SIZE 128] [--batch-size 2] [--dynamic-size] [--rtol 1e-5] [--debug]
+
+With ``--dynamic-size`` the height and width are dynamic too (detection and segmentation inputs): the model is traced
+at a larger, non-square example (``deploy.dynamic_example``) and checked at DATA.IMG_SIZE and at two other sizes.
 
 The model is traced at ``--batch-size`` (the batch stays a symbol: ``deploy.export_onnx``), then the file is run
 in ONNX Runtime at batch 1 and at ``--batch-size`` (2 if that is 1) and compared with the eager model on the
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointError  # noqa: E402
 from config import ConfigError, add_opts_argument, load_config_file, shown  # noqa: E402
 from deploy import (EXPORT_RTOL, ExportError, build_inference_model, check_onnx_against_eager,  # noqa: E402
-                    export_onnx, onnx_metadata, require)
+                    dynamic_example, export_onnx, onnx_metadata, require)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,6 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--resume', required=True, metavar='CKPT', help='checkpoint to export (ours or official)')
     add_opts_argument(parser, "config overrides, 'KEY VALUE' pairs (end the list with -- before OUT)")
     parser.add_argument('--batch-size', type=int, default=2, help='batch the model is traced at (default 2)')
+    parser.add_argument('--dynamic-size', action='store_true',
+                        help='dynamic height and width too (checked at DATA.IMG_SIZE and two other sizes)')
     parser.add_argument('--rtol', type=float, default=EXPORT_RTOL,
                         help=f'largest accepted relative error of ONNX Runtime vs eager (default {EXPORT_RTOL:.0e})')
     parser.add_argument('--debug', action='store_true', help='show Python tracebacks')
@@ -87,15 +92,21 @@ def export(args: argparse.Namespace) -> str:
     sizes = sorted({1, max(2, args.batch_size)})
     tmp = f'{os.path.abspath(args.out)}.tmp.{os.getpid()}'
     try:
-        export_onnx(model, torch.randn(args.batch_size, 3, size, size), tmp, onnx_metadata(config, class_names))
-        errors = check_onnx_against_eager(model, tmp, size, sizes, rtol=args.rtol)
+        if args.dynamic_size:
+            example = dynamic_example(size, args.batch_size)
+            others = [(size + size // 2 + 3, 2 * size - 5), (size - size // 4 + 1, size + 7)]
+        else:
+            example, others = torch.randn(args.batch_size, 3, size, size), []
+        export_onnx(model, example, tmp, onnx_metadata(config, class_names), dynamic_size=args.dynamic_size)
+        errors = check_onnx_against_eager(model, tmp, size, sizes, rtol=args.rtol, other_sizes=others)
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    checked = ', '.join(f'{err:.1e} at batch {b}' for b, err in errors)
+    checked = ', '.join(f'{err:.1e} at {what}' for what, err in errors)
     names = f'{len(class_names)} class names' if class_names else 'no class names (indices)'
-    return (f"wrote {args.out} ({config.MODEL.NAME}, {size}x{size}, dynamic batch, {names}): ONNX Runtime vs eager "
+    shape = 'dynamic batch, height and width' if args.dynamic_size else f'{size}x{size}, dynamic batch'
+    return (f"wrote {args.out} ({config.MODEL.NAME}, {shape}, {names}): ONNX Runtime vs eager "
             f"max relative error {checked} (tolerance {args.rtol:.0e})")
 
 
