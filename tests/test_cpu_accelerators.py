@@ -52,7 +52,7 @@ def assert_same_grads(fast, plain):
     assert sorted(fast) == sorted(plain)  # every parameter still gets one
     total = torch.cat([g.flatten() for g in plain.values()]).norm()
     for n, g in plain.items():  # relative, with a floor for gradients that are zero up to rounding
-        assert (fast[n] - g).norm() <= 1e-4 * torch.maximum(g.norm(), 1e-6 * total), n
+        assert (fast[n] - g).norm() <= 1e-4 * torch.maximum(g.norm(), 1e-5 * total), n
 
 
 # ----------------------------------------------------------------------------- the same function
@@ -68,7 +68,7 @@ def test_eval_outputs_and_features_match_the_plain_model(family):
         assert rel(a, b) < 1e-6
 
 
-@pytest.mark.parametrize('family', ['msg'])
+@pytest.mark.parametrize('family', ['msg', 'mgssaf'])
 def test_padded_sizes_match_the_plain_model(family):
     """At a size that needs padding (masked keys): the same outputs, features and gradients."""
     plain, fast = pair(family, drop_path_rate=0.2)
@@ -166,10 +166,10 @@ def test_full_window_scores_match_the_row_and_column_products(window_size):
         results.append((row, col, qi.grad, ki.grad))
     for full, split in zip(results[1], results[0]):
         assert full.shape == split.shape and rel(full, split) < 1e-6
-    # The row score of query (i, j) and key (i, j') is q[i, j] . k[i, j'] * scale (layout B*nW, j', nH, i, j).
+    # The row score of query (i, j) and key (i, j') is q[i, j] . k[i, j'] * scale (layout B*nW, nH, j', i, j).
     i, j, j2 = 1, 2, 0
     expected = (q[3, 1, i, j] @ k[3, 1, i, j2]) * attn.scale
-    assert torch.allclose(results[1][0][3, j2, 1, i, j], expected, rtol=1e-5)
+    assert torch.allclose(results[1][0][3, 1, j2, i, j], expected, rtol=1e-5)
 
 
 def test_kernel_choice_timed_inside_a_checkpointed_block(monkeypatch):
