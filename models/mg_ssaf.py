@@ -65,9 +65,10 @@ multiple of ws (and only there):
   odd side the last row / column is the mean of its in-bounds elements.
 
 No op argument depends on the input size, so ``torch.jit.trace`` at one size gives a graph that serves every
-size (while tracing the local heads always take the padded path, a no-op at sizes that need none).
-``torch.export`` with dynamic H, W does not yet succeed: its symbolic shapes cannot prove facts such as
-ws * ceil(H / ws) >= H that the padding and the ceil-mode pools rely on, and specialise.
+size, and ``torch.export`` with dynamic H and W (``Dim.DYNAMIC``) one that serves other sizes: while tracing or
+exporting the local heads always take the padded path (``models.layers.size_free``; a no-op at sizes that need
+none) and crop by a gather (``models.layers.crop``). Export at an example with at least two windows per side in
+every stage (e.g. 333x500): torch.export specializes a count it sees as 1 (docs/dense.md).
 
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of

@@ -103,3 +103,14 @@ def test_traced_at_224_serves_other_sizes() -> None:
         x = torch.randn(1, 3, *hw)
         with torch.no_grad():
             torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_exported_with_dynamic_size_serves_other_sizes() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model('mg_ssaf_tiny', **SHORT).eval()
+    dynamic = {'x': {2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+    program = torch.export.export(model, (torch.randn(1, 3, 333, 500),), dynamic_shapes=dynamic).module()
+    for hw in ((256, 320), (449, 300)):
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-5)
