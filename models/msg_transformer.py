@@ -246,7 +246,7 @@ def padded_bias(bias: torch.Tensor, key_mask: Optional[torch.Tensor], batch: int
         dtype: the attention's dtype (a padded mask is per window: made in it, not cast after the copy).
 
     Returns:
-        (1, nH, Nq, N) without key_mask, else (B*nW, nH, Nq, N) (the fused GPU kernels take 4-D masks only).
+        (1, nH, Nq, N) without key_mask, else (B*nW, nH, Nq, N) (SDPA on a GPU fuses 4-D masks only).
     """
     if key_mask is None:
         return bias.unsqueeze(0)  # 4-D (with a 3-D mask the CPU dispatcher takes the slow math kernel)

@@ -42,6 +42,18 @@ def test_forward_on_fake_cuda_stays_in_the_autocast_dtype_with_plain_ops(name, d
     assert 0 < reports['checkpointed'].saved_bytes < 0.3 * reports['train'].saved_bytes
 
 
+@pytest.mark.parametrize('name', ['msg_transformer_tiny', 'mg_ssaf_tiny'])
+def test_a_size_that_needs_padding_on_fake_cuda(name):
+    """The padded path (masks, pads, crops) on a GPU: no host sync, no CPU tensor, the autocast dtype throughout."""
+    with fake_cuda() as mode:
+        model = to_fake_cuda(timm.create_model(name, num_classes=10), mode)
+        x = fake_input(mode, 2, 3, 333, 500)
+        for train in (True, False):
+            r = run(model, x, torch.float16, train=train, watch=ATTENTIONS)
+            assert r.output_dtype == torch.float16 and set(r.dtypes.values()) == {torch.float16}, r.dtypes
+            assert r.custom_functions == []
+
+
 def test_a_host_sync_or_a_cpu_tensor_in_the_forward_fails_here():
     """The harness catches what a GPU would suffer or reject: the failures it exists to show."""
     class Synced(torch.nn.Module):
