@@ -160,18 +160,20 @@ def format_json(path: str, probs: list[float], indices: list[int], names: Option
 
 
 def _onnx_classifier(args: argparse.Namespace, config, device: torch.device):
-    """ONNX Runtime in place of the PyTorch model: the file must take this config's input size (and, when it
-    records them, the same preprocessing); names from its metadata, else from ``--resume``."""
+    """ONNX Runtime in place of the PyTorch model: the file must take this config's input size (any, if exported
+    with ``--dynamic-size``) and, when it records them, the same preprocessing; names from its metadata, else from
+    ``--resume``."""
     session = onnx_session(args.onnx, device)
     meta = session_metadata(session)
     shape = session.get_inputs()[0].shape  # [batch, 3, H, W]; batch symbolic
     size = config.DATA.IMG_SIZE
-    if len(shape) != 4 or shape[2:] != [size, size]:
+    dynamic_size = len(shape) == 4 and all(isinstance(d, str) for d in shape[2:])  # symbolic H and W
+    if len(shape) != 4 or (shape[2:] != [size, size] and not dynamic_size):
         raise ConfigError(f"'{args.onnx}' takes inputs of shape {shape}, this config gives (batch, 3, {size}, {size}); "
                           f"pass the config (and --opts) it was exported with")
     if META_PREPROCESS in meta:
         exported, ours = json.loads(meta[META_PREPROCESS]), preprocess_settings(config)
-        differ = [k for k in ours if exported.get(k) != ours[k]]
+        differ = [k for k in ours if exported.get(k) != ours[k] and not (dynamic_size and k == 'img_size')]
         if differ:
             raise ConfigError(f"'{args.onnx}' was exported with other preprocessing: "
                               + ', '.join(f'{k} {exported.get(k)} (this config: {ours[k]})' for k in differ))

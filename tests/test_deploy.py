@@ -234,7 +234,8 @@ def test_user_errors_are_one_line_exit_2(capsys, tmp_path, named_digits, checkpo
 
 @pytest.fixture(scope='module')
 def exported(checkpoints, tmp_path_factory):
-    """get(model) -> (path of the exported .onnx, the tool's exit code, its stdout); exported on first use."""
+    """get(model) -> (path of the exported .onnx, the tool's exit code, its stdout); exported on first use, with
+    ``--dynamic-size`` (which also checks the fixed-size path: DATA.IMG_SIZE at batch 1 and 2)."""
     out, cache = tmp_path_factory.mktemp('onnx'), {}
 
     def get(model: str) -> tuple[str, int, str]:
@@ -245,57 +246,40 @@ def exported(checkpoints, tmp_path_factory):
             import io
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
-                rc = export_onnx.main(['--cfg', CONFIGS[model], '--resume', checkpoints(model)[0], path])
+                rc = export_onnx.main(['--cfg', CONFIGS[model], '--resume', checkpoints(model)[0], '--dynamic-size',
+                                       path])
             cache[model] = path, rc, buf.getvalue()
         return cache[model]
     return get
 
 
 @pytest.mark.parametrize('model', ['msg', 'mg_ssaf'])
-def test_export_onnx_has_a_dynamic_batch_and_matches_eager(model, exported, checkpoints):
+def test_export_onnx_has_a_dynamic_batch_and_size_and_matches_eager(model, exported, checkpoints):
     need_onnx()
     import onnx
     from deploy import onnx_session, relative_error, run_session
     path, rc, line = exported(model)
     assert rc == 0, line
-    found = re.search(r'max relative error (\S+) at batch 1, (\S+) at batch 2 \(tolerance 1e-05\)', line)
-    assert found and max(float(found.group(1)), float(found.group(2))) <= 1e-5, line
+    found = re.search(r'max relative error (\S+) at batch 1, (\S+) at batch 2, (\S+) at 99x123, (\S+) at 49x71 '
+                      r'\(tolerance 1e-05\)', line)
+    assert 'dynamic batch, height and width' in line and found, line
+    assert max(float(v) for v in found.groups()) <= 1e-5, line
     graph = onnx.load(path).graph
     dims = graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]     # only the batch is free
+    assert [bool(d.dim_param) for d in dims] == [True, False, True, True] and dims[1].dim_value == 3
     meta = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert json.loads(meta['class_names']) == sorted(DIGIT_NAMES)
     assert json.loads(meta['preprocess'])['img_size'] == 64
-    # Two more batch sizes than the tool checked, against an independently built eager model.
+    # Two more batch sizes and another size than the tool checked, against an independently built eager model.
     cfg = load_config_file(CONFIGS[model])
     net = build_model(cfg).eval()
     net.load_state_dict(torch.load(checkpoints(model)[0], weights_only=True)['model'])
     session = onnx_session(path)
-    for b in (3, 5):
-        x = torch.randn(b, 3, 64, 64)
+    for b, h, w in ((3, 64, 64), (5, 64, 64), (2, 90, 150)):
+        x = torch.randn(b, 3, h, w)
         with torch.inference_mode():
             ref = net(x)
         assert relative_error(run_session(session, x), ref) <= 1e-5
-
-
-@pytest.mark.parametrize('model', ['msg', 'mg_ssaf'])
-def test_export_onnx_with_a_dynamic_size_matches_eager_at_other_sizes(model, capsys, tmp_path, checkpoints):
-    """--dynamic-size: H and W free in the file; the tool checks 64x64 and two other sizes, this a third."""
-    need_onnx()
-    import onnx
-    from deploy import onnx_session, relative_error, run_session
-    from tools import export_onnx
-    path = str(tmp_path / f'{model}.onnx')
-    assert export_onnx.main(['--cfg', CONFIGS[model], '--resume', checkpoints(model)[0], '--dynamic-size', path]) == 0
-    line = capsys.readouterr().out
-    assert 'dynamic batch, height and width' in line and re.search(r'at 99x123, \S+ at 49x71 \(tolerance', line), line
-    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
-    assert [bool(d.dim_param) for d in dims] == [True, False, True, True]
-    net = build_model(load_config_file(CONFIGS[model])).eval()
-    net.load_state_dict(torch.load(checkpoints(model)[0], weights_only=True)['model'])
-    x = torch.randn(2, 3, 90, 150)
-    with torch.inference_mode():
-        assert relative_error(run_session(onnx_session(path), x), net(x)) <= 1e-5
 
 
 @pytest.mark.parametrize('model', ['msg', 'mg_ssaf'])
@@ -314,12 +298,25 @@ def test_onnx_top5_equals_eager_on_the_digits(model, capsys, named_digits, check
         assert all(abs(x['prob'] - y['prob']) <= 1e-5 for x, y in zip(a['top5'], b['top5']))
 
 
-def test_predict_onnx_rejects_another_input_size(capsys, named_digits, exported):
+def test_predict_onnx_rejects_another_input_size(capsys, named_digits, exported, checkpoints, tmp_path):
+    """A file of a fixed size refuses another DATA.IMG_SIZE; one exported with --dynamic-size takes it."""
     need_onnx()
+    import onnx
     img = _images(os.path.join(named_digits, 'val', 'one'))[0]
-    rc, _, err = run_predict(capsys, '--cfg', CONFIGS['msg'], '--onnx', exported('msg')[0], '--opts',
+    fixed = onnx.load(exported('msg')[0])
+    for d in fixed.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 64  # (clears the symbol): the file a fixed-size export writes
+    onnx.save(fixed, str(tmp_path / 'fixed.onnx'))
+    rc, _, err = run_predict(capsys, '--cfg', CONFIGS['msg'], '--onnx', str(tmp_path / 'fixed.onnx'), '--opts',
                              'DATA.IMG_SIZE', '128', '--', img)
     assert rc == 2 and len(err) == 1 and re.search(r"takes inputs of shape \['batch', 3, 64, 64\]", err[0]), err
+    rows = []
+    for how in (('--onnx', exported('msg')[0]), ('--resume', checkpoints('msg')[0])):
+        rc, out, _ = run_predict(capsys, '--cfg', CONFIGS['msg'], *how, '--json', '--opts', 'DATA.IMG_SIZE', '96',
+                                 '--', img)
+        assert rc == 0
+        rows.append(json.loads(out[0])['top5'])
+    assert [t['index'] for t in rows[0]] == [t['index'] for t in rows[1]]
     rc, _, err = run_predict(capsys, '--cfg', CONFIGS['msg'], '--onnx', exported('msg')[0], '--opts',
                              'TEST.CROP_PCT', '0.9', '--', img)
     assert rc == 2 and 'other preprocessing: crop_pct 0.875 (this config: 0.9)' in err[0], err
