@@ -154,15 +154,16 @@ def evaluate(model: torch.nn.Module, loader) -> Dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> Dict[str, object]:
+    """Train and evaluate. Returns: ``iou`` (per class), ``miou`` and ``train_loss`` (per epoch)."""
     parser = argparse.ArgumentParser(description='train a segmentation head on synthetic textured scenes (CPU)')
     parser.add_argument('--model', default='msg_transformer_tiny', help='a timm name, e.g. mg_ssaf_tiny')
     parser.add_argument('--depths', type=int, nargs='+', default=(), help="blocks per stage (default: the variant's)")
     parser.add_argument('--size', type=int, nargs=2, default=(320, 320), metavar=('H', 'W'))
-    parser.add_argument('--train-images', type=int, default=512)
+    parser.add_argument('--train-images', type=int, default=96)
     parser.add_argument('--val-images', type=int, default=64)
-    parser.add_argument('--epochs', type=int, default=4)
+    parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--max-steps', type=int, default=0, help='stop each epoch after this many batches (0: all)')
-    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.05)
     parser.add_argument('--seed', type=int, default=0)
@@ -184,10 +185,11 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, object]:
 
     start = time.time()
     steps = args.max_steps or len(train_loader)
+    losses = []
     for epoch in range(args.epochs):
-        loss = train_one_epoch(model, train_loader, optimizer, steps)
-        print(f'epoch {epoch}: train loss {loss:.4f} ({time.time() - start:.0f} s)', flush=True)
-    metrics = evaluate(model, val_loader)
+        losses.append(train_one_epoch(model, train_loader, optimizer, steps))
+        print(f'epoch {epoch}: train loss {losses[-1]:.4f} ({time.time() - start:.0f} s)', flush=True)
+    metrics = dict(evaluate(model, val_loader), train_loss=losses)
     ious = ' '.join('-' if v != v else f'{v:.3f}' for v in metrics['iou'])
     print(f'val mIoU {metrics["miou"]:.4f} (per class: {ious}) after {time.time() - start:.0f} s', flush=True)
     return metrics
