@@ -122,10 +122,10 @@ def iou_from_confusion(confusion: torch.Tensor) -> Dict[str, object]:
 
 
 def build_model(name: str, depths: Sequence[int] = (), drop_path_rate: float = 0.0) -> SemanticFPN:
-    """The backbone ``name`` (its variant's depths unless ``depths``) with a 128-channel pyramid and head."""
+    """The backbone ``name`` (its variant's depths unless ``depths``) with a 64-channel pyramid and head."""
     kwargs = dict(depths=tuple(depths)) if depths else {}
-    backbone = TimmFPNBackbone(name, out_channels=128, drop_path_rate=drop_path_rate, **kwargs)
-    return SemanticFPN(backbone, NUM_CLASSES, head_channels=128)
+    backbone = TimmFPNBackbone(name, out_channels=64, drop_path_rate=drop_path_rate, **kwargs)
+    return SemanticFPN(backbone, NUM_CLASSES, head_channels=64)
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer, max_steps: int) -> float:
