@@ -46,6 +46,29 @@ qkv_bias=, attn_drop=, proj_drop=, fused_attn=)`` and ``mlp_layer(dim, hidden_di
 (B, H, W, C) to (B, H, W, C) (the attention gets the normed tokens, the MLP the block's input: it normalizes
 itself). ``timm.create_model(name, attn_layer=MyAttention)`` passes them through.
 
+Input sizes: any positive H x W. The stem (stride-2 convs, padding 1) gives ceil(H/4) x ceil(W/4), each
+``PatchMerging`` ceil of half; blocks, ``ConvMlp`` and the residuals run on that valid map, and
+``forward_intermediates`` returns maps of ceil(H/s) x ceil(W/s), s = 4, 8, 16, 32. Where a stage's map is not a
+multiple of ws (and only there):
+
+* local heads: the projected q / k are zero-padded at the bottom / right to a multiple of ws, so a padded token
+  has q = k = v = 0. In the row softmax the keys of a padded column j' are masked (-inf), in the column softmax
+  those of a padded row i'. The padding is narrower than a window, so every softmax keeps a valid key; a padded
+  key gets weight 0, and Attention Fusion's fused weight there multiplies a zero value, so valid outputs depend
+  on valid tokens only (the fusion conv sees zero attention at padded keys, as at its own zero border). The
+  output is cropped back to H x W. At sizes that need no padding none of this runs (no copy, no mask).
+* global heads: nothing is padded; the queries are the valid tokens. Pooled windows are ceil-mode average pools:
+  a partial edge window is the mean of its in-bounds tokens (ceil(H/ws) x ceil(W/ws) keys); likewise a strip
+  at the bottom / right edge is the mean of its in-bounds rows / columns (the mean across the map, then a
+  ceil-mode pool of s rows / columns: no kernel depends on the map size).
+* ``PatchMerging``: the stride-2 conv gives ceil(H/2); the shortcut's 2x2 average pool is ceil-mode, so on an
+  odd side the last row / column is the mean of its in-bounds elements.
+
+No op argument depends on the input size, so ``torch.jit.trace`` at one size gives a graph that serves every
+size (while tracing the local heads always take the padded path, a no-op at sizes that need none).
+``torch.export`` with dynamic H, W does not yet succeed: its symbolic shapes cannot prove facts such as
+ws * ceil(H / ws) >= H that the padding and the ceil-mode pools rely on, and specialise.
+
 Head split: ``global_ratio[i]`` is the share of stage i's heads that attend globally: ``nH * r`` global heads
 (a multiple of 3: window / strip_h / strip_v) and ``nH * (1 - r)`` local heads. This is the rule of
 MS-SSAF-B.py (r = 0.75); MS-SSAF-T/S.py compute ``local = nH * r`` instead, which coincides at their r = 0.5.
@@ -70,7 +93,7 @@ from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cf
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
 __all__ = ['MGSSAF', 'build_mg_ssaf', 'convert_official_state_dict', 'to_official_state_dict',
-           'valid_img_sizes_multiple', 'checkpoint_filter_fn']
+           'checkpoint_filter_fn']
 
 LN_EPS = 1e-6               # every LayerNorm of the official model
 STEM_STRIDE = 4             # two stride-2 convs: the stem's "patch size"
@@ -94,16 +117,31 @@ class ConvNHWC(nn.Conv2d):
         return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)  # B, H', W', C'
 
 
-def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
-    """Average pooling of an NHWC tensor (through a channels-last NCHW view; ``stride`` defaults to the kernel).
+def _ceil_div(size: int, k: int) -> int:
+    """ceil(size / k) for a positive size, in the form a strided conv's output size takes ((size - 1) // k + 1)."""
+    return (size - 1) // k + 1
+
+
+def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
+    """Average pooling of an NHWC tensor with stride = kernel, through a channels-last NCHW view. ``ceil_mode``: a
+    partial window at the bottom / right edge is the mean of its in-bounds elements (no padding is counted); where
+    the kernel divides the map, the plain pool.
 
     Args:
         x: (B, H, W, C)
     Returns:
-        (B, H', W', C)
+        (B, ceil(H / kh), ceil(W / kw), C)
     """
-    strides = kernel_size if stride is None else (stride, stride)
-    return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, strides).permute(0, 2, 3, 1)  # B, H', W', C
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size, kernel_size,
+                        ceil_mode=True).permute(0, 2, 3, 1)  # B, H', W', C
+
+
+def _always_pad() -> bool:
+    """True while tracing or compiling: the graph must then serve every input size, so the local windows take the
+    padded path even where nothing needs padding (a zero pad and an all-False mask: the same values)."""
+    if torch.jit.is_scripting():
+        return False  # a scripted model runs Python's control flow on the real sizes
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class StemConv(nn.Module):
@@ -118,7 +156,7 @@ class StemConv(nn.Module):
         self.conv3 = channels_last_weight_(ConvNHWC(embed_dim, embed_dim, kernel_size=3, stride=1, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, C_in, H, W). Returns: (B, H/4, W/4, C)."""
+        """Args: x: (B, C_in, H, W). Returns: (B, ceil(H/4), ceil(W/4), C)."""
         x = F.gelu(self.conv1(x))
         x = self.conv2(x).permute(0, 2, 3, 1)  # B, H/4, W/4, C
         x = F.gelu(self.norm(x))
@@ -129,36 +167,35 @@ class AttentionFusion(nn.Module):
     """Attention Fusion and the value product: ``(attn + mix(GELU(spatial(attn)))) @ v``.
 
     ``spatial`` is a depthwise conv over the (kh, kw) key grid, one channel per head; ``mix`` is a 1x1 conv
-    across heads (a Linear on the head dim). The maps arrive key-major, (B', kh, kw, nH, Nq): as an NCHW
-    tensor with nH*Nq channels that is channels-last, so ``spatial`` runs as one channels-last depthwise conv
-    (kernel repeated per query) and ``mix`` as a batched matmul, without transposing the attention.
+    across heads. The maps arrive head-major, (B', nH, kh, kw, Nq): an NCDHW tensor with one channel per head, so
+    ``spatial`` runs as one depthwise conv3d with the kernel (k, k, 1) (the query axis is a depth the kernel does
+    not mix) and ``mix`` as one batched matmul over the heads. No op argument depends on the input size (kh, kw,
+    Nq), so a traced or exported graph serves every size.
     """
 
     def __init__(self, num_heads: int, kernel_size: int = FUSION_KERNEL_SIZE, attn_drop: float = 0.) -> None:
         super().__init__()
         self.spatial = nn.Conv2d(num_heads, num_heads, kernel_size, padding=kernel_size // 2, groups=num_heads)
+        self.padding = kernel_size // 2  # of the conv3d's two key axes (an attribute: TorchScript reads no globals)
         self.mix = nn.Linear(num_heads, num_heads)
         self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            attn: (B', kh, kw, nH, Nq) attention weights, key-major.
+            attn: (B', nH, kh, kw, Nq) attention weights, head-major, queries innermost.
             v: (B', nH, kh*kw, d) values.
         Returns:
             (B', nH, Nq, d)
         """
-        Bq, kh, kw, nH, Nq = attn.shape
-        spatial_bias, mix_bias = self.spatial.bias, self.mix.bias
-        assert spatial_bias is not None and mix_bias is not None  # built with biases (TorchScript needs it said)
-        weight = self.spatial.weight.repeat_interleave(Nq, dim=0)  # nH*Nq, 1, k, k
-        bias = spatial_bias.repeat_interleave(Nq)
-        maps = attn.reshape(Bq, kh, kw, nH * Nq).permute(0, 3, 1, 2)  # B', nH*Nq, kh, kw (channels-last)
-        fused = F.conv2d(maps, weight, bias, padding=self.spatial.padding, groups=nH * Nq)
-        # The GELU on the contiguous NHWC view: PyTorch's CPU GELU is slower on the same memory seen as channels-last.
-        fused = F.gelu(fused.permute(0, 2, 3, 1)).reshape(Bq * kh * kw, nH, Nq)  # B'*kh*kw, nH, Nq
-        attn = torch.baddbmm(attn.reshape(Bq * kh * kw, nH, Nq), self.mix.weight.expand(Bq * kh * kw, nH, nH), fused)
-        attn = attn.view(Bq, kh * kw, nH, Nq).permute(0, 2, 3, 1)  # B', nH, Nq, kh*kw
+        Bq, nH, kh, kw, Nq = attn.shape
+        mix_bias = self.mix.bias
+        assert mix_bias is not None  # built with a bias (TorchScript needs it said)
+        fused = F.conv3d(attn, self.spatial.weight.unsqueeze(-1), self.spatial.bias,
+                         padding=(self.padding, self.padding, 0), groups=nH)  # B', nH, kh, kw, Nq
+        fused = F.gelu(fused).view(Bq, nH, kh * kw * Nq)
+        attn = torch.baddbmm(attn.view(Bq, nH, kh * kw * Nq), self.mix.weight.expand(Bq, nH, nH), fused)
+        attn = attn.view(Bq, nH, kh * kw, Nq).transpose(-2, -1)  # B', nH, Nq, kh*kw
         # In the attention's dtype: a float32 bias would lift everything after it out of float16 under autocast.
         mix_bias = mix_bias.to(attn.dtype)[:, None, None]  # nH, 1, 1
         if self.training and self.attn_drop.p > 0:
@@ -217,42 +254,75 @@ class MultiGranularityAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _local(self, qk: torch.Tensor) -> torch.Tensor:
-        """SS-MSA in ws x ws windows. Args: qk: (B, H, W, 2*nH_l*d). Returns: (B, H, W, nH_l*d)."""
+        """SS-MSA in ws x ws windows. Args: qk: (B, H, W, 2*nH_l*d). Returns: (B, H, W, nH_l*d).
+
+        A map whose sides are not multiples of ws is zero-padded at the bottom / right (q = k = v = 0 there) and
+        the padded keys are masked out of both softmaxes (see "Input sizes" in the module docstring).
+        """
         B, H, W, _ = qk.shape
         ws, nH, d = self.window_size, self.local_heads, self.head_dim
-        qk = qk.view(B, H // ws, ws, W // ws, ws, 2, nH, d)  # B, H/ws, ws, W/ws, ws, 2, nH, d
+        nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
+        padded = _always_pad() or nWh * ws != H or nWw * ws != W
+        if padded:
+            qk = F.pad(qk, (0, 0, 0, nWw * ws - W, 0, nWh * ws - H))  # B, nWh*ws, nWw*ws, 2*nH*d
+        qk = qk.view(B, nWh, ws, nWw, ws, 2, nH, d)  # B, nWh, ws, nWw, ws, 2, nH, d
         qk = qk.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(2, -1, nH, ws, ws, d)  # 2, B*nW, nH, ws(i), ws(j), d
         q, k = qk.unbind(0)
-        row, col = self._ss_scores(q, k)
-        row, col = row.softmax(dim=1), col.softmax(dim=1)  # B*nW, j', nH, i, j / B*nW, i', j, nH, i
+        row, col = self._ss_scores(q, k)  # B*nW, nH, j', i, j / B*nW, nH, i', j, i
+        if padded:
+            row, col = self._mask_padded_keys(row, col, H, W)
+        row, col = row.softmax(dim=2), col.softmax(dim=2)
         # Two hops: (i, j) -> (i, j') along its row, then (i, j') -> (i', j') along that column.
-        attn = row.unsqueeze(1) * col.unsqueeze(-1)  # B*nW, i', j', nH, i, j
-        attn = attn.view(-1, ws, ws, nH, ws * ws)  # B*nW, ws(i'), ws(j'), nH, N
+        attn = row.unsqueeze(2) * col.unsqueeze(-1)  # B*nW, nH, i', j', i, j
+        attn = attn.view(-1, nH, ws, ws, ws * ws)  # B*nW, nH, ws(i'), ws(j'), N
         out = self.local_fusion(attn, k.reshape(-1, nH, ws * ws, d))  # B*nW, nH, N, d
-        out = out.view(B, H // ws, W // ws, nH, ws, ws, d)  # B, H/ws, W/ws, nH, ws, ws, d
-        return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, nH * d)  # B, H, W, nH*d
+        out = out.view(B, nWh, nWw, nH, ws, ws, d)  # B, nWh, nWw, nH, ws, ws, d
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nWh * ws, nWw * ws, nH * d)  # B, Hp, Wp, nH*d
+        return out[:, :H, :W] if padded else out  # B, H, W, nH*d
+
+    def _mask_padded_keys(self, row: torch.Tensor, col: torch.Tensor, H: int,
+                          W: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-inf at the padded keys of the windows of an (H, W) map padded to (Hp, Wp): in the row scores the keys of
+        a padded column j', in the column scores those of a padded row i'. Every row or column of a window holds a
+        valid key (the padding is narrower than a window), so no softmax is all -inf.
+
+        Args:
+            row: (B*nW, nH, ws(j'), ws(i), ws(j)), col: (B*nW, nH, ws(i'), ws(j), ws(i)), as ``_ss_scores`` gives.
+        Returns:
+            row, col, the same shapes, masked in place.
+        """
+        ws, nH = self.window_size, row.shape[1]
+        nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
+        pad_cols = torch.arange(nWw * ws, device=row.device) >= W  # Wp
+        pad_rows = torch.arange(nWh * ws, device=col.device) >= H  # Hp
+        # In place on views of the fresh score tensors (no copy): row as B, nWh, nWw, nH, j', i, j and col as
+        # B, nWh, nWw, nH, i', j, i, the masks broadcast over the rest.
+        row.view(-1, nWh, nWw, nH, ws, ws, ws).masked_fill_(pad_cols.view(nWw, 1, ws, 1, 1), float('-inf'))
+        col.view(-1, nWh, nWw, nH, ws, ws, ws).masked_fill_(pad_rows.view(nWh, 1, 1, ws, 1, 1), float('-inf'))
+        return row, col
 
     def _ss_scores(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The scaled SS scores of every query along its row and its column, as the official code computes them:
-        ws x ws products per window row and per window column. Softmax dims are put outside a contiguous block
-        (fast softmax over a short dim); maps key-major.
+        ws x ws products per window row and per window column. Head-major, the softmax dim (the key) outside a
+        contiguous block (fast softmax over a short dim).
 
         Args:
             q, k: (B*nW, nH, ws(i), ws(j), d)
         Returns:
-            row: (B*nW, ws(j'), nH, ws(i), ws(j)) with row[:, j', h, i, j] the score of query (i, j), key (i, j');
-            col: (B*nW, ws(i'), ws(j), nH, ws(i)) with col[:, i', j, h, i] that of query (i, j), key (i', j).
+            row: (B*nW, nH, ws(j'), ws(i), ws(j)) with row[:, h, j', i, j] the score of query (i, j), key (i, j');
+            col: (B*nW, nH, ws(i'), ws(j), ws(i)) with col[:, h, i', j, i] that of query (i, j), key (i', j).
         """
         row = (q @ k.transpose(-2, -1)).mul_(self.scale)  # B*nW, nH, i, j, j'
         col = (q.transpose(-3, -2) @ k.permute(0, 1, 3, 4, 2)).mul_(self.scale)  # B*nW, nH, j, i, i'
-        return row.permute(0, 4, 1, 2, 3).contiguous(), col.permute(0, 4, 2, 1, 3).contiguous()
+        return row.permute(0, 1, 4, 2, 3).contiguous(), col.permute(0, 1, 4, 2, 3).contiguous()
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, ..., nH_g*d) with nH_g = group_heads. Returns: (B, nH_g, L, d), L = prod(...)."""
         return x.reshape(x.shape[0], -1, self.group_heads, self.head_dim).transpose(1, 2)  # B, nH_g, L, d
 
     def _pooled_window(self, qk: torch.Tensor) -> torch.Tensor:
-        """SS attention to one average-pooled key per ws x ws window, with fusion.
+        """SS attention to one average-pooled key per ws x ws window, with fusion. A partial window at the bottom /
+        right edge pools its in-bounds tokens: kh, kw = ceil(H / ws), ceil(W / ws).
 
         Args:
             qk: (B, H, W, 2*nH_g*d)
@@ -260,17 +330,19 @@ class MultiGranularityAttention(nn.Module):
             (B, H, W, nH_g*d)
         """
         B, H, W, C2 = qk.shape
-        ws, kh, kw = self.window_size, H // self.window_size, W // self.window_size
+        ws = self.window_size
         q, k = qk.split(C2 // 2, dim=-1)
         k = _avg_pool_nhwc(k, (ws, ws))  # B, kh, kw, nH_g*d
+        kh, kw = k.shape[1], k.shape[2]
         q, k = self._split_heads(q), self._split_heads(k)  # B, nH_g, H*W, d / B, nH_g, kh*kw, d
         logits = (k @ q.transpose(-2, -1)).mul_(self.scale)  # B, nH_g, kh*kw, H*W
         attn = _separable_attention(logits.view(B, self.group_heads, kh, kw, H * W))  # B, nH_g, kh, kw, H*W
-        out = self.global_fusion(attn.permute(0, 2, 3, 1, 4), k)  # B, nH_g, H*W, d
+        out = self.global_fusion(attn, k)  # B, nH_g, H*W, d
         return out.transpose(1, 2).reshape(B, H, W, -1)  # B, H, W, nH_g*d
 
     def _pooled_strips(self, qk: torch.Tensor, horizontal: bool) -> torch.Tensor:
-        """Softmax attention to average-pooled strips ``strip_width`` thick spanning the whole map.
+        """Softmax attention to average-pooled strips ``strip_width`` thick spanning the whole map. A strip at the
+        bottom (right) edge may be thinner: the mean of its in-bounds rows (columns); ceil(H / s) (ceil(W / s)) keys.
 
         Args:
             qk: (B, H, W, 2*nH_g*d)
@@ -280,7 +352,12 @@ class MultiGranularityAttention(nn.Module):
         B, H, W, C2 = qk.shape
         s = self.strip_width
         q, k = qk.split(C2 // 2, dim=-1)
-        k = _avg_pool_nhwc(k, (s, W) if horizontal else (H, s), stride=s)  # B, H/s, 1, nH_g*d or B, 1, W/s, nH_g*d
+        # The mean across the map, then over s rows (columns): no kernel of the map's size, which would pin a traced
+        # or exported graph to it.
+        if horizontal:
+            k = _avg_pool_nhwc(k.mean(dim=2, keepdim=True), (s, 1))  # B, ceil(H/s), 1, nH_g*d
+        else:
+            k = _avg_pool_nhwc(k.mean(dim=1, keepdim=True), (1, s))  # B, 1, ceil(W/s), nH_g*d
         q, k = self._split_heads(q), self._split_heads(k)  # B, nH_g, H*W, d / B, nH_g, M, d
         if self.fused_attn:
             dropout_p = self.attn_drop.p if self.training else 0.
@@ -379,7 +456,9 @@ class MGSSAFBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halve H and W, double C: conv path plus pooled shortcut, sharing one LayerNorm. NHWC in and out."""
+    """Halve H and W (odd sides round up), double C: conv path plus pooled shortcut, sharing one LayerNorm. NHWC in
+    and out. The stride-2 conv (padding 1) gives ceil(H/2) x ceil(W/2); so does the shortcut's 2x2 pool
+    (``ceil_mode``: on an odd side the last row / column is the mean of its in-bounds elements)."""
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
@@ -392,9 +471,9 @@ class PatchMerging(nn.Module):
         self.shortcut = nn.Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C). Returns: (B, H/2, W/2, 2C)."""
+        """Args: x: (B, H, W, C). Returns: (B, ceil(H/2), ceil(W/2), 2C)."""
         shortcut = self.shortcut(self.norm(_avg_pool_nhwc(x, (self.stride, self.stride))))  # B, H/2, W/2, 2C
-        x = self.dwconv(self.norm(x))  # B, H/2, W/2, C
+        x = self.dwconv(self.norm(x))  # B, H/2, W/2, C (sides rounded up)
         return self.pwconv2(F.gelu(self.pwconv1(x))) + shortcut
 
 
@@ -422,27 +501,12 @@ class MGSSAFStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-def valid_img_sizes_multiple(
-        num_stages: int,
-        window_size: int,
-        strip_width: Sequence[int],
-        global_ratio: Sequence[float],
-) -> int:
-    """The input sizes (height and width alike) the model takes are exactly the multiples of this number.
-
-    Stage i's grid is ``size / (4 * 2**i)``; it must be divisible by ``window_size`` (local windows and the
-    pooled-window keys), by the strip width where the stage has global heads, and by 2 before each merging
-    (the stride-2 conv and the 2x2 pool must agree).
-    """
-    multiple = 1
-    for i in range(num_stages):
-        divisor = window_size
-        if global_ratio[i] > 0:
-            divisor = math.lcm(divisor, strip_width[i])
-        if i < num_stages - 1:
-            divisor = math.lcm(divisor, MERGE_STRIDE)
-        multiple = math.lcm(multiple, STEM_STRIDE * MERGE_STRIDE ** i * divisor)
-    return multiple
+def _check_geometry(img_size: tuple[int, int], window_size: int) -> None:
+    """Raise ValueError unless the sides of ``img_size`` and ``window_size`` are positive (any such pair works)."""
+    if any(side < 1 for side in img_size):
+        raise ValueError(f'img_size {img_size}: height and width must be positive')
+    if window_size < 1:
+        raise ValueError(f'window_size must be positive, got {window_size}')
 
 
 def _global_heads(num_heads: int, ratio: float, stage: int) -> int:
@@ -457,10 +521,10 @@ def _global_heads(num_heads: int, ratio: float, stage: int) -> int:
 
 
 @register_notrace_function  # one node of a traced graph, so that it checks the real input size there
-def check_input_size(H: int, W: int, multiple: int) -> None:
-    """Raise ValueError unless the input's height and width are multiples of ``multiple``."""
-    if H % multiple != 0 or W % multiple != 0:
-        raise ValueError(f'input {H}x{W}: height and width must be multiples of {multiple}')
+def check_input_size(H: int, W: int) -> None:
+    """Raise ValueError unless the input's height and width are positive (every positive size is taken)."""
+    if H < 1 or W < 1:
+        raise ValueError(f'input {H}x{W}: height and width must be positive')
 
 
 class MGSSAF(nn.Module):
@@ -498,8 +562,8 @@ class MGSSAF(nn.Module):
     ) -> None:
         """
         Args:
-            img_size: input (H, W) or side; each must be a multiple of ``valid_img_sizes_multiple(...)``
-                (224 for the released models with window 7).
+            img_size: nominal input (H, W) or side (timm's cfg; ``forward`` takes any positive size, see "Input
+                sizes" in the module docstring).
             patch_size: stride of the conv stem; must be 4 (two stride-2 convs).
             num_classes: classifier outputs; 0 for no classifier (``forward`` returns the pre-logits).
             global_pool: 'avg' or '' (no pooling: ``forward`` returns a map, head_hidden / head per position).
@@ -531,7 +595,8 @@ class MGSSAF(nn.Module):
         _check_pool(global_pool)
         self.width, self.global_ratio = tuple(width), tuple(global_ratio)
         self.img_size = to_2tuple(img_size)
-        self.size_multiple = self._check_geometry(self.img_size, window_size)
+        _check_geometry(self.img_size, window_size)
+        self.size_multiple = 1  # every input side is taken (timm's min_input_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -574,15 +639,6 @@ class MGSSAF(nn.Module):
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
         self.register_load_state_dict_pre_hook(_accept_official_keys)
-
-    def _check_geometry(self, img_size: tuple[int, int], window_size: int) -> int:
-        """Returns the size multiple of ``window_size``; raises ValueError if ``img_size`` is not one."""
-        multiple = valid_img_sizes_multiple(len(self.width), window_size, self.width, self.global_ratio)
-        if any(side <= 0 or side % multiple for side in img_size):
-            raise ValueError(f'img_size {img_size} is not supported with window_size {window_size} and '
-                             f'width {self.width}: height and width must be positive multiples of {multiple} '
-                             f'(e.g. {multiple}, {2 * multiple}, {3 * multiple})')
-        return multiple
 
     def _init_weights(self) -> None:
         """The official initialisation: He-normal (fan-out) for the stem and merging layers, truncated normal
@@ -652,15 +708,15 @@ class MGSSAF(nn.Module):
 
     def set_input_size(self, img_size: Optional[_IntPair] = None, window_size: Optional[int] = None) -> None:
         """Change the nominal input size and/or the window size (no weight depends on either; the pooled windows
-        and strips follow the grid). ``forward`` takes any size the geometry admits anyway. Raises ValueError (the
-        model unchanged) if the size does not fit the window."""
+        and strips follow the grid). ``forward`` takes any positive size anyway. Raises ValueError (the model
+        unchanged) for a side or window below 1."""
         hw = self.img_size if img_size is None else to_2tuple(img_size)
         ws = self.window_size if window_size is None else window_size
-        multiple = self._check_geometry(hw, ws)
+        _check_geometry(hw, ws)
         for m in self.modules():
             if isinstance(m, MultiGranularityAttention):
                 m.window_size = ws
-        self.img_size, self.window_size, self.size_multiple = hw, ws, multiple
+        self.img_size, self.window_size = hw, ws
         update_model_input_size(self, hw, window_size=ws)
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -669,12 +725,12 @@ class MGSSAF(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward passes
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, C_in, H, W). Returns: (B, H/4, W/4, C). Any size the model admits, not only img_size."""
-        check_input_size(x.shape[-2], x.shape[-1], self.size_multiple)
+        """Args: x: (B, C_in, H, W). Returns: (B, ceil(H/4), ceil(W/4), C). Any positive size, not only img_size."""
+        check_input_size(x.shape[-2], x.shape[-1])
         return self.pos_drop(self.patch_embed(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, C_in, H, W). Returns: (B, H/32, W/32, C), the normed last-stage map (NHWC)."""
+        """Args: x: (B, C_in, H, W). Returns: (B, ceil(H/32), ceil(W/32), C), the normed last-stage map (NHWC)."""
         x = self._embed(x)
         for stage in self.layers:
             x = stage(x)
@@ -713,7 +769,7 @@ class MGSSAF(nn.Module):
 
         Returns:
             (final, maps), or maps: stage i's map is the output of its blocks, before its PatchMerging,
-            (B, C_i, H / s_i, W / s_i) in NCHW with strides s_i = 4, 8, 16, 32 and C_i = embed_dim * 2**i; NCHW
+            (B, C_i, ceil(H / s_i), ceil(W / s_i)) in NCHW with strides s_i = 4, 8, 16, 32 and C_i = embed_dim * 2**i; NCHW
             maps are channels-last in memory (``.contiguous()`` if a consumer needs NCHW strides). ``final`` is
             ``forward_features(x)``, or the last computed stage's map (NHWC) if stopped early.
         """
@@ -868,13 +924,13 @@ _VARIANTS = {
                  drop_path_rate=0.3),
 }
 _RELEASED_FILES = {'tiny': 'MG-SSAF-T.pth', 'small': 'MG-SSAF-S.pth', 'base': 'MG-SSAF-B.pth'}
-_NUM_STAGES, _WINDOW, _WIDTH = 4, 7, (0, 2, 2, 0)  # the constructor's defaults, for the cfgs
+_NUM_STAGES = 4  # the constructor's default, for the cfgs
 
 
 def _cfg(variant: str) -> dict[str, Any]:
     side = TRAIN_SIZE // (STEM_STRIDE * MERGE_STRIDE ** (_NUM_STAGES - 1))  # the last stage's grid: 7 at 224
     return pretrained_cfg(
-        size_multiple=valid_img_sizes_multiple(_NUM_STAGES, _WINDOW, _WIDTH, _VARIANTS[variant]['global_ratio']),
+        size_multiple=1,  # any input size
         pool_size=(side, side),
         first_conv='patch_embed.conv1',
         license='mit',

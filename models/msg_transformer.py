@@ -41,12 +41,25 @@ G = gs*gs windows per group, nG groups per image.
 
 Input sizes
 -----------
-Each side must be a multiple of ``patch_size * lcm_i(2**i * ws * gs_i)`` (224 for the released models:
-224, 448, 672, ...): every stage's map must split exactly into groups of windows. The constructor checks
-``img_size`` and raises ``ValueError`` naming valid sizes; ``forward`` accepts any valid size (not only
-``img_size``) unless ``ape=True``, whose position table fixes the size to ``img_size``. (The official
-``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC map; here the table is viewed as (1, H, W, C),
-with the official parameter shape.)
+Any size (the padding scheme of Swin's detection and segmentation forks, with the padding keys masked):
+
+* the image is zero-padded at the bottom and right to whole patches, so the first patch map is
+  ceil(H / patch_size) x ceil(W / patch_size);
+* each stage zero-pads its patch map to whole shuffle groups of windows (multiples of ws * gs); a window that holds
+  no real patch gets a zero MSG token (at the first stage the learned one, as every group does). In the attention
+  the padding patches are masked out as keys (-inf), so real tokens and MSG tokens never read them; padded windows'
+  MSG tokens are part of the function (they take part in the shuffle of their group);
+* after each stage the maps are cropped back to the real patches and to the MSG tokens of the windows that hold
+  one (ceil(H / ws) x ceil(W / ws)); the 3x3 stride-2 downsample conv (padding 1) halves odd sides upwards;
+* so the stage maps are ceil(H / (patch_size * 2**i)) on each side: strides 4, 8, 16, 32 for the released models.
+
+Sizes that are multiples of ``size_multiple(patch_size, ws, shuffle_size)`` (224 for the released models) need no
+padding: nothing is padded or masked and the function is the official one. Masking costs little at detection size
+(MSG-T, 800x1344, batch 2: +8% saved-for-backward bytes under fp16, see docs/dense.md) and makes each real token's
+output independent of how much padding the grid needed. Tracing and exporting take the padded path at every size
+(``size_free``), so a traced or exported graph holds at other sizes. ``ape=True`` fixes the size to ``img_size``
+(its position table); the official ``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC map; here the table
+is viewed as (1, H, W, C), with the official parameter shape.
 
 Gradients
 ---------
@@ -95,7 +108,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
 from .layers import (DropPath, Mlp, channels_last_weight_, relative_position_index, to_2tuple, trunc_normal_,
-                     window_reverse)
+                     window_partition, window_reverse)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -106,6 +119,22 @@ MERGE_KERNEL = 3         # downsample conv between stages: 3x3, stride 2, paddin
 MERGE_STRIDE = 2
 INIT_STD = .02           # trunc-normal std of linear weights, bias tables and MSG tokens (official)
 MANIP_TYPES = ('shuf', 'none')
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+def size_free() -> bool:
+    """Tracing or exporting: take the padded path at every size, so that the graph holds for other sizes."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.jit.is_tracing() or _exporting()
 
 
 # The in-place writes below are one node each for torch.fx (``register_notrace_function``): traced op by op,
@@ -160,6 +189,91 @@ def window_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int, g
     out[:, :, 1:].view(B, nGh, nGw, gs, gs, ws, ws, C).copy_(
         patches.view(B, nGh, gs, ws, nGw, gs, ws, C).permute(0, 1, 4, 2, 5, 3, 6, 7))
     return out
+
+
+@register_notrace_function  # one node of a traced graph: it branches on the map's size
+def stage_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int,
+                 group_size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A stage's windows over its patch map padded to whole groups, the MSG tokens in front, and the key mask.
+
+    Args:
+        patches: (B, H, W, C) patch map.
+        msgs: (B, ceil(H/ws), ceil(W/ws), C) MSG map (one token per window that holds a real patch), or a
+            (1, 1, gs, 1, gs, C) tensor, one group's MSG map shared by all groups (the first stage).
+        window_size: ws.
+        group_size: gs.
+
+    Returns:
+        tokens (B, nW, 1 + ws*ws, C) over the map zero-padded at the bottom and right to (Hp, Wp), H and W rounded
+        up to multiples of ws*gs; the MSG map zero-padded alike (the first stage's shared map covers every group).
+        key_mask (nW, 1 + ws*ws) bool, False on the padding patches; None if nothing is padded.
+    """
+    B, H, W, C = patches.shape
+    ws, gs = window_size, group_size
+    if not size_free() and H % (ws * gs) == 0 and W % (ws * gs) == 0:
+        key_mask = None
+    else:
+        Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
+        real = F.pad(torch.ones_like(patches[:1, :, :, :1], dtype=torch.bool), (0, 0, 0, Wp - W, 0, Hp - H))
+        key_mask = F.pad(window_partition(real, ws, gs)[0, :, :, 0], (1, 0), value=True)  # nW, N
+        patches = F.pad(patches, (0, 0, 0, Wp - W, 0, Hp - H))  # B, Hp, Wp, C
+        if msgs.dim() == 4:
+            msgs = F.pad(msgs, (0, 0, 0, Wp // ws - msgs.shape[2], 0, Hp // ws - msgs.shape[1]))
+    if msgs.dim() == 4:  # B, Hp/ws, Wp/ws, C -> grouped
+        B, h, w, C = msgs.shape
+        msgs = msgs.view(B, h // gs, gs, w // gs, gs, C)
+    return window_tokens(patches, msgs, ws, gs), key_mask
+
+
+def crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``x[:, :H, :W]`` of an NHWC map; tracing or exporting, a gather (the strides of a view would pin the
+    exported graph to whether the example input needed padding)."""
+    if not size_free():
+        return x[:, :H, :W]
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    return x.index_select(1, rows).index_select(2, cols)
+
+
+@register_notrace_function
+def patch_map(tokens: torch.Tensor, H: int, W: int, window_size: int, group_size: int) -> torch.Tensor:
+    """The real patches of a stage's tokens (``stage_tokens``' inverse). Returns: (B, H, W, C)."""
+    ws, gs = window_size, group_size
+    Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
+    x = window_reverse(tokens[:, :, 1:], ws, Hp, Wp, gs)  # B, Hp, Wp, C
+    if not size_free() and Hp == H and Wp == W:
+        return x
+    return crop(x, H, W)
+
+
+@register_notrace_function
+def msg_map(tokens: torch.Tensor, H: int, W: int, window_size: int, group_size: int) -> torch.Tensor:
+    """The MSG tokens of the windows that hold a real patch. Returns: (B, ceil(H/ws), ceil(W/ws), C)."""
+    ws, gs = window_size, group_size
+    Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
+    h, w = (H + ws - 1) // ws, (W + ws - 1) // ws
+    x = window_reverse(tokens[:, :, :1], 1, Hp // ws, Wp // ws, gs)  # B, Hp/ws, Wp/ws, C
+    if not size_free() and Hp // ws == h and Wp // ws == w:
+        return x
+    return crop(x, h, w)
+
+
+def padded_bias(bias: torch.Tensor, key_mask: Optional[torch.Tensor], batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of a window attention: the bias, with -inf on each window's padding keys if any.
+
+    Args:
+        bias: (nH, Nq, N), the same for every window.
+        key_mask: (nW, N) bool, False on padding keys (never the MSG key, so no row is all -inf); or None.
+        batch: B.
+        dtype: the attention's dtype (a padded mask is per window: made in it, not cast after the copy).
+
+    Returns:
+        (1, nH, Nq, N) without key_mask, else (B*nW, nH, Nq, N) (the fused GPU kernels take 4-D masks only).
+    """
+    if key_mask is None:
+        return bias.unsqueeze(0)  # 4-D (with a 3-D mask the CPU dispatcher takes the slow math kernel)
+    nW, N = key_mask.shape
+    masked = bias.to(dtype).expand(nW, -1, -1, -1).masked_fill(~key_mask.view(nW, 1, 1, N), float('-inf'))
+    return masked.expand(batch, -1, -1, -1, -1).reshape(batch * nW, bias.shape[0], bias.shape[1], N)
 
 
 class PatchEmbed(nn.Module):
@@ -250,12 +364,14 @@ class MessengerAttention(nn.Module):
         table = torch.cat((self.relative_position_bias_table.reshape(-1), self.rel_pos_msg.reshape(-1)))
         return table.index_select(0, self.bias_index).view(self.num_heads, N, N)  # nH, N, N
 
-    def attend(self, qkv: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, msg_only: bool = False,
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention output before ``proj``.
 
         Args:
             qkv: (B, nW, N, 3C), ``qkv`` of the normed tokens.
             msg_only: queries of the MSG tokens only (keys and values from all tokens); exact for those rows.
+            key_mask: (nW, N) bool, False on the padding keys of each window (see ``padded_bias``); None: none.
 
         Returns:
             (B, nW, Nq, C) with Nq = 1 if msg_only else N.
@@ -268,7 +384,7 @@ class MessengerAttention(nn.Module):
         if msg_only:  # the MSG query row; the full bias keeps every bias parameter in the graph (zero gradient)
             q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
         Nq = q.shape[2]
-        mask = bias.unsqueeze(0)  # 1, nH, Nq, N: 4-D (with a 3-D mask the CPU dispatcher takes the slow math kernel)
+        mask = padded_bias(bias, key_mask, B, q.dtype)  # 1 or B*nW, nH, Nq, N
         if self.fused_attn:
             dropout_p = self.attn_drop.p if self.training else 0.
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
@@ -277,9 +393,11 @@ class MessengerAttention(nn.Module):
             x = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, Nq, hd
         return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C
 
-    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
-        """Args: x: (B, nW, N, C) normed tokens, msg_only: see ``attend``. Returns: (B, nW, N or 1, C)."""
-        return self.proj_drop(self.proj(self.attend(self.qkv(x), msg_only)))
+    def forward(self, x: torch.Tensor, msg_only: bool = False,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args: x: (B, nW, N, C) normed tokens, msg_only and key_mask: see ``attend``.
+        Returns: (B, nW, N or 1, C)."""
+        return self.proj_drop(self.proj(self.attend(self.qkv(x), msg_only, key_mask)))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
@@ -314,11 +432,13 @@ class MSGBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
-    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, msg_only: bool = False,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Args: x: (B, nW, N, C); msg_only: return the MSG tokens only, (B, nW, 1, C), computing attention
-        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention)."""
+        outputs, projection and MLP for those rows only (exact: tokens only mix inside the attention);
+        key_mask: (nW, N) bool, False on padding keys (``stage_tokens``), or None."""
         res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
-        x = res + self.drop_path(self.attn(self.norm1(x), msg_only))  # fresh: the shuffle may write into it
+        x = res + self.drop_path(self.attn(self.norm1(x), msg_only, key_mask))  # fresh: the shuffle may write into it
         x = shuffle_msg_(x, self.shuffle_size)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -326,35 +446,23 @@ class MSGBlock(nn.Module):
 class PatchMerging(nn.Module):
     """Halve the patch map and the MSG map with one shared 3x3 stride-2 conv + LayerNorm (C -> 2C)."""
 
-    def __init__(self, dim: int, window_size: int, shuffle_size: int, next_shuffle_size: int) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.window_size = window_size
-        self.shuffle_size = shuffle_size
-        self.next_shuffle_size = next_shuffle_size
         self.reduction = channels_last_weight_(
             nn.Conv2d(dim, 2 * dim, MERGE_KERNEL, MERGE_STRIDE, padding=MERGE_KERNEL // 2))  # channels-last input
         self.stride = MERGE_STRIDE  # an attribute: TorchScript reads no globals
         self.norm = nn.LayerNorm(2 * dim)
 
-    @torch.jit.ignore
-    def set_window_size(self, window_size: int) -> None:
-        self.window_size = window_size
-
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, H, W, C) contiguous. Returns: (B, H/2, W/2, 2C)."""
+        """Args: x: (B, H, W, C). Returns: (B, ceil(H/2), ceil(W/2), 2C)."""
         # The NHWC tensor seen as NCHW is channels_last, which the conv keeps: both permutes are free.
         x = self.reduction(x.permute(0, 3, 1, 2))  # B, 2C, H/2, W/2
         return self.norm(x.permute(0, 2, 3, 1))  # B, H/2, W/2, 2C
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        """Args: x: (B, nW, N, C), hw: (H, W) of the patch map. Returns: (B, nW/4, N, 2C)."""
-        H, W = hw
-        ws, gs, next_gs = self.window_size, self.shuffle_size, self.next_shuffle_size
-        patches = self._reduce(window_reverse(x[:, :, 1:], ws, H, W, gs))  # B, H/2, W/2, 2C
-        msgs = self._reduce(window_reverse(x[:, :, :1], 1, H // ws, W // ws, gs))  # B, H/2ws, W/2ws, 2C
-        B, h, w, C2 = msgs.shape
-        msgs = msgs.view(B, h // next_gs, next_gs, w // next_gs, next_gs, C2)  # grouped MSG map
-        return window_tokens(patches, msgs, ws, next_gs)  # B, nW/4, N, 2C
+    def forward(self, patches: torch.Tensor, msgs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Args: patches: (B, H, W, C) patch map, msgs: (B, h, w, C) MSG map.
+        Returns: both halved (rounded up: the conv pads by 1), with 2C channels."""
+        return self._reduce(patches), self._reduce(msgs)
 
 
 class MSGStage(nn.Module):
@@ -393,57 +501,67 @@ class MSGStage(nn.Module):
                      qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
                      fused_attn=fused_attn, attn_layer=attn_layer, mlp_layer=mlp_layer)
             for i in range(depth)])
-        self.downsample = None if next_shuffle_size is None else PatchMerging(
-            dim, window_size, shuffle_size, next_shuffle_size)
+        self.downsample = None if next_shuffle_size is None else PatchMerging(dim)
 
-    def forward(self, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
-        """Args: x: (B, nW, N, C); msg_only: the last block returns the MSG tokens only.
-        Returns: (B, nW, N, C), or (B, nW, 1, C) with msg_only."""
+    def forward(self, x: torch.Tensor, msg_only: bool = False,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args: x: (B, nW, N, C); msg_only: the last block returns the MSG tokens only; key_mask: see
+        ``stage_tokens``. Returns: (B, nW, N, C), or (B, nW, 1, C) with msg_only."""
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, msg_only=msg_only and i == last, use_reentrant=False)
+                x = checkpoint(block, x, msg_only=msg_only and i == last, key_mask=key_mask, use_reentrant=False)
             else:
-                x = block(x, msg_only=msg_only and i == last)
+                x = block(x, msg_only=msg_only and i == last, key_mask=key_mask)
         return x
 
     @torch.jit.unused
-    def forward_twice_last(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_twice_last(self, x: torch.Tensor,
+                           key_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The blocks, the last one both in full and for the MSG rows only.
 
         ``forward_intermediates`` takes the patch map from the first and the final features from the second,
         so that these are ``forward_features``' bit for bit (the MSG-only block rounds differently).
 
-        Args: x: (B, nW, N, C). Returns: (B, nW, N, C) and (B, nW, 1, C).
+        Args: x: (B, nW, N, C), key_mask: see ``stage_tokens``. Returns: (B, nW, N, C) and (B, nW, 1, C).
         """
         *blocks, last = self.blocks
         for block in blocks:
-            x = self._run(block, x, False)
-        return self._run(last, x, False), self._run(last, x, True)
+            x = self._run(block, x, False, key_mask)
+        return self._run(last, x, False, key_mask), self._run(last, x, True, key_mask)
 
-    def _run(self, block: nn.Module, x: torch.Tensor, msg_only: bool) -> torch.Tensor:
+    def _run(self, block: nn.Module, x: torch.Tensor, msg_only: bool,
+             key_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, msg_only=msg_only, use_reentrant=False)
-        return block(x, msg_only=msg_only)
+            return checkpoint(block, x, msg_only=msg_only, key_mask=key_mask, use_reentrant=False)
+        return block(x, msg_only=msg_only, key_mask=key_mask)
 
 
 GLOBAL_POOLS = ('avg', '')  # 'avg': mean over the final map; '': keep the map (the head, if any, per position)
 
 
 def size_multiple(patch_size: int, window_size: int, shuffle_size: Sequence[int]) -> int:
-    """Every input side must be a multiple of this: each stage's map splits exactly into groups of windows."""
+    """Input sides that are multiples of this need no padding: each stage's map splits exactly into groups of
+    windows (224 for the released models)."""
     return patch_size * math.lcm(*(2 ** i * window_size * gs for i, gs in enumerate(shuffle_size)))
 
 
 @register_notrace_function  # one node of a traced graph, so that it checks the real input size there
-def check_size(H: int, W: int, multiple: int, what: str, geometry: str,
-               fixed: Optional[Tuple[int, int]] = None) -> None:
-    """Raise ValueError unless H and W are positive multiples of ``multiple`` (and equal ``fixed``, if given)."""
-    if H <= 0 or W <= 0 or H % multiple != 0 or W % multiple != 0:
-        raise ValueError(f'{what} {H}x{W} does not fit {geometry}: each side must be a multiple of {multiple} '
-                         f'(valid sizes: {multiple}, {2 * multiple}, {3 * multiple}, ...)')
+def check_size(H: int, W: int, fixed: Optional[Tuple[int, int]] = None) -> None:
+    """Raise ValueError unless H and W are positive (and equal ``fixed``, if given)."""
+    if H <= 0 or W <= 0:
+        raise ValueError(f'input size {H}x{W}: height and width must be positive')
     if fixed is not None and (H != fixed[0] or W != fixed[1]):
-        raise ValueError(f'{what} {H}x{W} differs from img_size {fixed[0]}x{fixed[1]}, which ape=True fixes')
+        raise ValueError(f'input size {H}x{W} differs from img_size {fixed[0]}x{fixed[1]}, which ape=True fixes')
+
+
+@register_notrace_function
+def pad_to_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Zero-pad an NCHW image at the bottom and right to whole patches (itself if it has whole patches)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if not size_free() and H % patch_size == 0 and W % patch_size == 0:
+        return x
+    return F.pad(x, (0, _round_up(W, patch_size) - W, 0, _round_up(H, patch_size) - H))
 
 
 class MSGTransformer(nn.Module):
@@ -520,9 +638,8 @@ class MSGTransformer(nn.Module):
         self.in_chans = in_chans
         self.window_size = window_size
         self.shuffle_size = shuffle_size
-        self.size_multiple = size_multiple(patch_size, window_size, shuffle_size)
-        self._geometry = f'patch_size {patch_size}, window_size {window_size}, shuffle_size {list(shuffle_size)}'
-        check_size(self.img_size[0], self.img_size[1], self.size_multiple, 'img_size', self._geometry)
+        self.size_multiple = size_multiple(patch_size, window_size, shuffle_size)  # sizes without padding
+        check_size(self.img_size[0], self.img_size[1])
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.output_fmt = 'NHWC'  # of forward_features
@@ -540,7 +657,8 @@ class MSGTransformer(nn.Module):
         self.msg_tokens = nn.Parameter(torch.zeros(1, shuffle_size[0] ** 2, 1, embed_dim))  # 1, G, 1, C
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         if ape:
-            grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+            grid = (_round_up(self.img_size[0], patch_size) // patch_size,
+                    _round_up(self.img_size[1], patch_size) // patch_size)
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))  # 1, H*W, C
         else:
             self.register_parameter('absolute_pos_embed', None)  # (not in the state_dict)
@@ -647,27 +765,27 @@ class MSGTransformer(nn.Module):
                        window_size: Optional[int] = None) -> None:
         """Change the nominal input size and/or the window size.
 
-        ``forward`` takes any size the geometry admits anyway (``img_size`` only fixes it with ape, whose table is
-        then resampled bicubically); a new window size resizes every relative-position table bicubically (as
-        loading weights of another window does) and changes the admissible sizes. Raises ValueError (the model
-        unchanged) if the new size does not fit the new geometry.
+        ``forward`` takes any size anyway (``img_size`` only fixes it with ape, whose table is then resampled
+        bicubically); a new window size resizes every relative-position table bicubically (as loading weights of
+        another window does) and changes the sizes that need no padding. Raises ValueError (the model unchanged)
+        for a size below 1.
         """
         hw = self.img_size if img_size is None else to_2tuple(img_size)
         ws = self.window_size if window_size is None else window_size
         if ws < 1:
             raise ValueError(f'window_size must be >= 1, got {ws}')
-        multiple = size_multiple(self.patch_size, ws, self.shuffle_size)
-        geometry = f'patch_size {self.patch_size}, window_size {ws}, shuffle_size {list(self.shuffle_size)}'
-        check_size(hw[0], hw[1], multiple, 'img_size', geometry)
+        check_size(hw[0], hw[1])
         if ws != self.window_size:
             for m in self.modules():
-                if isinstance(m, (MessengerAttention, PatchMerging)):
+                if isinstance(m, MessengerAttention):
                     m.set_window_size(ws)
-            self.window_size, self.size_multiple, self._geometry = ws, multiple, geometry
+            self.window_size, self.size_multiple = ws, size_multiple(self.patch_size, ws, self.shuffle_size)
         if self.absolute_pos_embed is not None and hw != self.img_size:
             old = self.absolute_pos_embed
-            grid = (hw[0] // self.patch_size, hw[1] // self.patch_size)
-            old_grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+            grid = (_round_up(hw[0], self.patch_size) // self.patch_size,
+                    _round_up(hw[1], self.patch_size) // self.patch_size)
+            old_grid = (_round_up(self.img_size[0], self.patch_size) // self.patch_size,
+                        _round_up(self.img_size[1], self.patch_size) // self.patch_size)
             with torch.no_grad():
                 new = resample_abs_pos_embed(old, grid, old_grid, num_prefix_tokens=0)  # 1, H*W, C
             self.absolute_pos_embed = nn.Parameter(new, requires_grad=old.requires_grad)
@@ -675,38 +793,40 @@ class MSGTransformer(nn.Module):
         update_model_input_size(self, hw, window_size=ws)
 
     # ------------------------------------------------------------------------------------------- forward passes
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        """Args: x: (B, in_chans, H, W) NCHW image. Returns: first-stage tokens (B, nW, N, C), patch map H and W."""
-        check_size(x.shape[-2], x.shape[-1], self.size_multiple, 'input size', self._geometry,
-                   self.img_size if self.absolute_pos_embed is not None else None)
-        x = self.patch_embed(x)  # B, H, W, C
-        B, H, W, C = x.shape
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W) NCHW image. Returns: the first stage's patch map (B, ceil(H/patch),
+        ceil(W/patch), C): the image zero-padded at the bottom and right to whole patches, then the stem."""
+        check_size(x.shape[-2], x.shape[-1], self.img_size if self.absolute_pos_embed is not None else None)
+        x = self.patch_embed(pad_to_patches(x, self.patch_size))  # B, H, W, C
         if self.absolute_pos_embed is not None:
+            B, H, W, C = x.shape
             x = x + self.absolute_pos_embed.view(1, H, W, C)  # B, H, W, C
+        return self.pos_drop(x)
+
+    def _first_msgs(self) -> torch.Tensor:
+        """One group's MSG map, the same for all groups of the first stage: (1, 1, gs, 1, gs, C)."""
         gs = self.shuffle_size[0]
-        msgs = self.msg_tokens.view(1, 1, gs, 1, gs, C)  # one group's MSG map, the same for all groups
-        return window_tokens(self.pos_drop(x), msgs, self.window_size, gs), H, W  # B, nW, N, C
+        return self.msg_tokens.view(1, 1, gs, 1, gs, self.msg_tokens.shape[-1])
 
     def _final(self, x: torch.Tensor, H: int, W: int, group_size: int, msgs: bool) -> torch.Tensor:
         """Normed final features, NHWC. Args: x: (B, nW, N or 1, C) last-stage tokens, H, W its patch map.
-        Returns: the MSG map (B, H/ws, W/ws, C) if ``msgs``, else the patch map (B, H, W, C)."""
+        Returns: the MSG map (B, ceil(H/ws), ceil(W/ws), C) if ``msgs``, else the patch map (B, H, W, C)."""
         if msgs:
-            ws = self.window_size
-            return self.norm(window_reverse(x[:, :, :1], 1, H // ws, W // ws, group_size))  # B, H/ws, W/ws, C
-        return self.norm(window_reverse(x[:, :, 1:], self.window_size, H, W, group_size))  # B, H, W, C
+            return self.norm(msg_map(x, H, W, self.window_size, group_size))
+        return self.norm(patch_map(x, H, W, self.window_size, group_size))
 
     def _forward_stages(self, x: torch.Tensor, msg_only: bool) -> Tuple[torch.Tensor, int, int, int]:
         """Args: x: (B, in_chans, H, W); msg_only: the very last block computes the MSG rows only.
-        Returns: the last stage's tokens, (B, nW, N, C) or (B, nW, 1, C), its patch grid H, W and group side."""
-        x, H, W = self._embed(x)
+        Returns: the last stage's tokens, (B, nW, N, C) or (B, nW, 1, C), its patch map's H, W and group side."""
+        patches, msgs = self._embed(x), self._first_msgs()
         last = len(self.layers) - 1
-        gs = 1
+        ws = self.window_size
         for i, stage in enumerate(self.layers):
-            x = stage(x, msg_only and i == last)
-            gs = stage.group_size
+            H, W, gs = patches.shape[1], patches.shape[2], stage.group_size
+            x, key_mask = stage_tokens(patches, msgs, ws, gs)
+            x = stage(x, msg_only and i == last, key_mask)
             if stage.downsample is not None:
-                x = stage.downsample(x, (H, W))
-                H, W = H // stage.downsample.stride, W // stage.downsample.stride
+                patches, msgs = stage.downsample(patch_map(x, H, W, ws, gs), msg_map(x, H, W, ws, gs))
         return x, H, W, gs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -757,30 +877,30 @@ class MSGTransformer(nn.Module):
         last = len(self.layers) - 1
         stop = max_index if stop_early else last
         shortcuts = self.msg_rows_only
-        x, H, W = self._embed(x)
+        ws = self.window_size
+        patches, msgs = self._embed(x), self._first_msgs()
         intermediates = []
-        msgs, gs = x, 1
         for i, stage in enumerate(self.layers[:stop + 1]):
+            H, W, gs = patches.shape[1], patches.shape[2], stage.group_size
+            x, key_mask = stage_tokens(patches, msgs, ws, gs)
             final_msgs = self.msg_features and i == last and not intermediates_only
             if final_msgs and i in take_indices and shortcuts:
-                x, msgs = stage.forward_twice_last(x)  # the map from the full block, the features as forward's
+                x, msg_tokens = stage.forward_twice_last(x, key_mask)  # the map from the full block, forward's rows
             else:
                 # The last block needs its MSG rows only if its patch map is not asked for.
-                x = msgs = stage(x, final_msgs and shortcuts and i not in take_indices)
-            gs = stage.group_size
+                x = msg_tokens = stage(x, final_msgs and shortcuts and i not in take_indices, key_mask)
             if i in take_indices:
-                fmap = window_reverse(x[:, :, 1:], self.window_size, H, W, gs)  # B, H, W, C
+                fmap = patch_map(x, H, W, ws, gs)  # B, H, W, C
                 if norm and i == last:
                     fmap = self.norm(fmap)
                 intermediates.append(fmap.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else fmap)
             if i < stop and stage.downsample is not None:
-                x = stage.downsample(x, (H, W))
-                H, W = H // stage.downsample.stride, W // stage.downsample.stride
+                patches, msgs = stage.downsample(patch_map(x, H, W, ws, gs), msg_map(x, H, W, ws, gs))
         if intermediates_only:
             return intermediates
         if stop < last:  # stopped early: the last computed stage's patch map, without the final norm
-            return window_reverse(x[:, :, 1:], self.window_size, H, W, gs), intermediates
-        return self._final(msgs, H, W, gs, self.msg_features), intermediates
+            return patch_map(x, H, W, ws, gs), intermediates
+        return self._final(msg_tokens, H, W, gs, self.msg_features), intermediates
 
     def prune_intermediate_layers(
             self,

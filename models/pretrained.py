@@ -56,7 +56,7 @@ def pretrained_cfg(
     """A ``default_cfgs`` entry for a variant trained at ``TRAIN_SIZE``.
 
     Args:
-        size_multiple: every input side must be a multiple of it (the model's geometry): timm's
+        size_multiple: every input side must be a multiple of it (the model's geometry; 1: any size): timm's
             ``min_input_size``; the input size is not fixed (``fixed_input_size=False``).
         pool_size: the spatial size of ``forward_features`` at ``TRAIN_SIZE``.
         first_conv: name of the stem conv (timm adapts it to other ``in_chans``).

@@ -211,8 +211,8 @@ def test_user_errors_are_one_line_exit_2(capsys, tmp_path, named_digits, checkpo
         (['--cfg', CONFIGS['mg_ssaf'], '--resume', ours, img], 'does not fit this model'),
         (['--cfg', CONFIGS['msg'], '--resume', ours, '--opts', 'DATA.IMG_SIZ', '128', '--', img],
          "did you mean 'DATA.IMG_SIZE'"),
-        (['--cfg', CONFIGS['msg'], '--resume', ours, '--opts', 'DATA.IMG_SIZE', '96', '--', img],
-         'valid sizes: 64, 128'),
+        (['--cfg', CONFIGS['msg'], '--resume', ours, '--opts', 'DATA.IMG_SIZE', '0', '--', img],
+         'must be an integer >= 1'),
         (['--cfg', str(tmp_path / 'none.yaml'), '--resume', ours, img], 'config file not found'),
         (['--cfg', CONFIGS['msg'], '--resume', ours, '--device', 'nonsense', img], '--device'),
     ]

@@ -14,7 +14,7 @@ from fill import fill_
 from models.build import build_model
 from models.cost import model_cost
 from models.mg_ssaf import (MGSSAF, UNUSED_OFFICIAL_KEYS, convert_official_state_dict, mg_ssaf_base,
-                            mg_ssaf_small, mg_ssaf_tiny, to_official_state_dict, valid_img_sizes_multiple)
+                            mg_ssaf_small, mg_ssaf_tiny, to_official_state_dict)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -153,16 +153,16 @@ def test_export_official_round_trip(tmp_path, models: dict[str, MGSSAF]) -> None
 # --------------------------------------------------------------------------------------------------------------
 # Resolution
 # --------------------------------------------------------------------------------------------------------------
-def test_valid_sizes_rule() -> None:
-    assert valid_img_sizes_multiple(4, 7, (0, 2, 2, 0), (0., .5, .5, 0.)) == 224
-    assert valid_img_sizes_multiple(4, 6, (0, 2, 2, 0), (0., .5, .5, 0.)) == 192
-    assert valid_img_sizes_multiple(4, 2, (0, 2, 2, 0), (0., .5, 1., 0.)) == 64
-
-
 @pytest.mark.parametrize('img_size', [384, 230, 112, (224, 300)])
-def test_invalid_size_raises(img_size) -> None:
-    with pytest.raises(ValueError, match=r'must be positive multiples of 224'):
-        MGSSAF(img_size=img_size)
+def test_sizes_that_are_no_multiple_of_224_are_taken(img_size) -> None:
+    expected = (img_size, img_size) if isinstance(img_size, int) else img_size
+    assert MGSSAF(img_size=img_size, depths=(1, 1, 1, 1)).img_size == expected
+
+
+@pytest.mark.parametrize('img_size,window_size', [(0, 7), ((224, -1), 7), (224, 0)])
+def test_nonsense_size_raises(img_size, window_size) -> None:
+    with pytest.raises(ValueError, match='must be positive'):
+        MGSSAF(img_size=img_size, window_size=window_size)
 
 
 def test_invalid_head_split_and_patch_size_raise() -> None:
@@ -186,12 +186,13 @@ def test_other_resolutions_shapes() -> None:
         for i, f in enumerate(feats):
             stride = 4 * 2 ** i
             assert f.shape == (2, TINY['embed_dim'] * 2 ** i, img_size[0] // stride, img_size[1] // stride)
-    # The size given at construction is checked there; inputs may take any admissible size.
+    # Inputs may take any positive size, not only the one given at construction.
     net = MGSSAF(**TINY).eval()
     with torch.inference_mode():
         assert net(torch.randn(1, 3, 128, 64)).shape == (1, 10)
-        with pytest.raises(ValueError, match='multiples of 64'):
-            net(torch.randn(1, 3, 96, 64))
+        assert net(torch.randn(1, 3, 96, 64)).shape == (1, 10)
+        with pytest.raises(ValueError, match='must be positive'):
+            net(torch.randn(1, 3, 0, 64))
     # 384 is not a multiple of 224, but it is one of 192: window 6 takes it (the weights do not depend on it).
     net = MGSSAF(img_size=384, window_size=6, embed_dim=24, depths=(1, 1, 1, 1), num_classes=5).eval()
     with torch.inference_mode():
@@ -208,7 +209,7 @@ def test_global_keys_follow_the_input_size() -> None:
         with torch.inference_mode():
             net(torch.randn(1, 3, img_size, img_size))
         kh = grid // TINY['window_size']
-        assert seen[-1] == (1, kh, kh, 1, grid * grid)  # B, kh, kw, nH, queries
+        assert seen[-1] == (1, 1, kh, kh, grid * grid)  # B, nH, kh, kw, queries
 
 
 @pytest.mark.parametrize('horizontal', [True, False])

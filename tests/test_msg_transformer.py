@@ -178,16 +178,15 @@ def test_official_config_at_448():
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize('img_size', (225, 200, 112, (224, 336), 0))
-def test_invalid_img_size_names_valid_sizes(img_size):
-    with pytest.raises(ValueError, match='224, 448, 672'):
+@pytest.mark.parametrize('img_size', (0, (224, -1)))
+def test_img_size_below_one_is_refused(img_size):
+    with pytest.raises(ValueError, match='must be positive'):
         MSGTransformer(img_size=img_size)
 
 
-def test_invalid_input_size_at_forward():
-    model = MSGTransformer(**TINY).eval()
-    with pytest.raises(ValueError, match='64, 128, 192'):
-        model(torch.randn(1, 3, 96, 64))
+@pytest.mark.parametrize('img_size', (225, 200, 112, (224, 336)))
+def test_any_img_size_builds(img_size):
+    MSGTransformer(img_size=img_size, depths=(1, 1, 1, 1), num_classes=0)
 
 
 def test_ape():

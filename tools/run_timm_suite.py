@@ -5,7 +5,7 @@ Fetches the source distribution of the installed timm version from PyPI (``pip d
 that copy's ``FEAT_INTER_FILTERS`` list (the only change: timm lists there the models that have
 ``forward_intermediates`` and work with its ``FeatureGetterNet``; our names are in none of its exclusion lists) and
 runs it with ``-k "msg_transformer or mg_ssaf"``, with ``models`` imported (so registered) as a pytest plugin.
-timm's test sizes are its own reduced ones (our models take multiples of 224 only: their ``min_input_size``).
+timm's test sizes are its own reduced ones (MSG takes multiples of 224 only, its ``min_input_size``; MG-SSAF any size).
 
 Exit status: pytest's. If the sdist cannot be fetched (no network), one line says so and the exit status is 0,
 so that the rest of ``make test`` still runs.

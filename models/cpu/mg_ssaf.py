@@ -91,7 +91,7 @@ def block_forward(block: MGSSAFBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def merge_forward(merge: PatchMerging, x: torch.Tensor) -> torch.Tensor:
-    """``PatchMerging.forward``. Args: x: (B, H, W, C). Returns: (B, H/2, W/2, 2C)."""
+    """``PatchMerging.forward``. Args: x: (B, H, W, C). Returns: (B, ceil(H/2), ceil(W/2), 2C)."""
     shortcut = linear(merge.norm(_avg_pool_nhwc(x, (merge.stride, merge.stride))), merge.shortcut)
     return gelu_mlp(merge.dwconv(merge.norm(x)), merge.pwconv1, merge.pwconv2, residual=shortcut)
 
@@ -109,8 +109,8 @@ def _ss_scores_full(attn: MultiGranularityAttention, q: torch.Tensor,
     N = ws * ws
     s = q.reshape(Bw, nH, N, d) @ k.reshape(Bw, nH, N, d).transpose(-2, -1)  # B*nW, nH, N, N
     s = s.view(Bw, nH, ws, ws, ws, ws)  # B*nW, nH, i, j, i', j'
-    row = s.diagonal(dim1=2, dim2=4).permute(0, 3, 1, 4, 2)  # B*nW, j', nH, i, j (i = i')
-    col = s.diagonal(dim1=3, dim2=5).permute(0, 3, 4, 1, 2)  # B*nW, i', j, nH, i (j = j')
+    row = s.diagonal(dim1=2, dim2=4).permute(0, 1, 3, 4, 2)  # B*nW, nH, j', i, j (i = i')
+    col = s.diagonal(dim1=3, dim2=5).permute(0, 1, 3, 4, 2)  # B*nW, nH, i', j, i (j = j')
     return (row * attn.scale).contiguous(), (col * attn.scale).contiguous()
 
 
@@ -160,12 +160,12 @@ ACCELERATORS.extend([
         cls=PatchMerging,
         method='forward',
         fast=merge_forward,
-        pins={PatchMerging.forward: 'b2d414d09372cf41'},
+        pins={PatchMerging.forward: 'a70cdd5b7d1e4c2a'},
     ),
     Accelerator(
         cls=MultiGranularityAttention,
         method='_ss_scores',
         fast=ss_scores,
-        pins={MultiGranularityAttention._ss_scores: '10ccf80b4fc511ec'},
+        pins={MultiGranularityAttention._ss_scores: '3722c3cd5e1185ed'},
     ),
 ])

@@ -13,16 +13,19 @@ effect; it stands in for the functions in ``PINS``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from ..layers import DropPath, Mlp
-from ..msg_transformer import MessengerAttention, MSGBlock, shuffle_msg_
+from ..msg_transformer import MessengerAttention, MSGBlock, padded_bias, shuffle_msg_
 from . import ACCELERATORS, Accelerator
 from .ops import attention, gelu_mlp, linear, linear_add
 
 
-def _attend(attn: MessengerAttention, qkv: torch.Tensor, msg_only: bool) -> torch.Tensor:
+def _attend(attn: MessengerAttention, qkv: torch.Tensor, msg_only: bool,
+            key_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``MessengerAttention.attend`` without attention dropout. Args: qkv: (B, nW, N, 3C). Returns: (B, nW, Nq, C)."""
     B, nW, N, C3 = qkv.shape
     C = C3 // 3
@@ -32,7 +35,7 @@ def _attend(attn: MessengerAttention, qkv: torch.Tensor, msg_only: bool) -> torc
     if msg_only:
         q, bias = q[:, :, :1], bias[:, :1]  # B*nW, nH, 1, hd; nH, 1, N
     Nq = q.shape[2]
-    x = attention(q, k, v, bias.unsqueeze(0), attn.scale)  # B*nW, nH, Nq, hd
+    x = attention(q, k, v, padded_bias(bias, key_mask, B, q.dtype), attn.scale)  # B*nW, nH, Nq, hd
     return x.transpose(1, 2).reshape(B, nW, Nq, C)  # B, nW, Nq, C
 
 
@@ -48,11 +51,12 @@ def _residual(block: MSGBlock, x: torch.Tensor, branch: torch.Tensor) -> torch.T
     return torch.addcmul(x, branch, mask)
 
 
-def block_forward(block: MSGBlock, x: torch.Tensor, msg_only: bool = False) -> torch.Tensor:
-    """``MSGBlock.forward``. Args: x: (B, nW, N, C). Returns: (B, nW, N or 1, C)."""
+def block_forward(block: MSGBlock, x: torch.Tensor, msg_only: bool = False,
+                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``MSGBlock.forward``. Args: x: (B, nW, N, C), key_mask: (nW, N) or None. Returns: (B, nW, N or 1, C)."""
     attn, mlp = block.attn, block.mlp
     res = x[:, :, :1] if msg_only else x  # B, nW, Nq, C
-    a = _attend(attn, linear(block.norm1(x), attn.qkv), msg_only)  # B, nW, Nq, C
+    a = _attend(attn, linear(block.norm1(x), attn.qkv), msg_only, key_mask)  # B, nW, Nq, C
     plain_mlp = (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity)
                  and (not block.training or mlp.drop1.p == mlp.drop2.p == 0.))  # fc1 -> exact GELU -> fc2
     if plain_mlp and not block.training and not torch.is_grad_enabled():
@@ -76,9 +80,9 @@ ACCELERATORS.append(Accelerator(
     method='forward',
     fast=block_forward,
     pins={
-        MSGBlock.forward: '36e45dfb0c791060',
-        MessengerAttention.forward: 'c57f62f9e1a00c06',
-        MessengerAttention.attend: '8c546a7a45e0732c',
+        MSGBlock.forward: 'dec59b35c4c9f40f',
+        MessengerAttention.forward: '30d144285468077a',
+        MessengerAttention.attend: '6e9e148558cdb411',
         Mlp.forward: '6dade48223cfc248',
     },
     parts={'attn': MessengerAttention, 'mlp': Mlp},
