@@ -126,7 +126,7 @@ def test_segment_example_few_steps(capsys):
     """tools/segment.py at its default size (320x320, not a multiple of 224) for a few steps: it trains, prints
     the loss and a validation mIoU in [0, 1]; a second run with the same seed prints the same."""
     from tools import segment
-    args = ['--depths', *map(str, SHALLOW), '--epochs', '1', '--max-steps', '1', '--batch-size', '2',
+    args = ['--depths', *map(str, SHALLOW), '--epochs', '1', '--max-steps', '1', '--batch-size', '1',
             '--train-images', '2', '--val-images', '1', '--seed', '3']
     metrics = segment.main(args)
     printed = capsys.readouterr().out
@@ -135,7 +135,7 @@ def test_segment_example_few_steps(capsys):
     miou = re.search(r'val mIoU (\d\.\d+)', printed)
     assert loss and float(loss.group(1)) == pytest.approx(metrics['train_loss'][0], abs=1e-4)
     assert miou and float(miou.group(1)) == pytest.approx(metrics['miou'], abs=1e-4) and 0 <= metrics['miou'] <= 1
-    assert segment.main(args) == metrics
+    assert repr(segment.main(args)) == repr(metrics)  # repr: an absent class's IoU is nan
 
 
 def test_miou_from_confusion():
