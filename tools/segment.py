@@ -167,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, object]:
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.05)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=0, help="torch's CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     size = tuple(args.size)
     # The validation scenes come from another seed stream than the training ones: no scene is in both.
@@ -181,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, object]:
     model = build_model(args.model, args.depths)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(f'segment: {args.model} depths {list(args.depths) or "default"}, {size[0]}x{size[1]}, '
-          f'{len(train_set)} train / {len(val_set)} val scenes, {NUM_CLASSES} classes, seed {args.seed}', flush=True)
+          f'{len(train_set)} train / {len(val_set)} val scenes, {NUM_CLASSES} classes, seed {args.seed}, '
+          f'{torch.get_num_threads()} threads', flush=True)
 
     start = time.time()
     steps = args.max_steps or len(train_loader)
