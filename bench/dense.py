@@ -83,7 +83,12 @@ def saved_bytes(name: str, batch_size: int, size: Sequence[int], dtype: torch.dt
     """Saved-for-backward bytes of one training forward on fake CUDA under ``dtype`` autocast."""
     with fake_cuda() as mode:
         model = to_fake_cuda(SumOfMeans(build(name, size)), mode)
-        return run(model, fake_input(mode, batch_size, 3, *size), dtype).saved_bytes
+        x = fake_input(mode, batch_size, 3, *size)
+        # Run inside the mode (``fake_cuda.saved_bytes`` runs outside it): the padding masks of MG-SSAF (and the
+        # masks of a dynamic-size Swin) are made in the forward with ``device=x.device``, which outside the mode
+        # initialises the real CUDA. Where both work the bytes are the same.
+        with mode:
+            return run(model, x, dtype).saved_bytes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
