@@ -10,7 +10,7 @@ the masks in every forward) and measured at ``--size`` (the usual COCO batch sha
 800x1333 padded to a multiple of 32) with batch ``--batch-size``:
 
 * forward: the median of ``--runs`` eval forwards under ``torch.inference_mode`` after one warm-up, float32 on this
-  CPU with ``--threads`` threads; ours with the CPU accelerators installed (``models.cpu.install``, as ``main.py``
+  CPU with ``--threads`` threads, the models taking turns (one forward each per round); ours with the CPU accelerators installed (``models.cpu.install``, as ``main.py``
   does on a CPU; ``--plain`` leaves them out);
 * saved: the bytes one training forward saves for backward on a GPU under ``--amp-dtype`` autocast, measured on fake
   CUDA tensors (``bench/fake_cuda.py``'s ``run``, as ``bench/benchmark.py --saved-bytes``: each storage once,
@@ -61,22 +61,28 @@ class SumOfMeans(nn.Module):
         return sum(m.mean() for m in self.backbone(x))
 
 
-def forward_seconds(name: str, batch_size: int, size: Sequence[int], runs: int, accelerate: bool) -> tuple:
-    """Median seconds of an eval forward (``runs`` after one warm-up) and the maps' shapes."""
-    torch.manual_seed(0)
-    model = build(name, size).eval()
-    if accelerate and not name.startswith('swin'):
-        from models import cpu
-        cpu.install(model)
+def forward_seconds(names: Sequence[str], batch_size: int, size: Sequence[int], runs: int,
+                    accelerate: bool) -> dict:
+    """Per model: the median seconds of an eval forward and the maps' shapes. All models are built and warmed up
+    first, then take turns, one forward each per round (the order rotated every round), so that a slow spell of a
+    shared machine slows each alike."""
+    built = {}
+    for name in names:
+        torch.manual_seed(0)
+        built[name] = build(name, size).eval()
+        if accelerate and not name.startswith('swin'):
+            from models import cpu
+            cpu.install(built[name])
     x = torch.randn(batch_size, 3, *size)
-    times = []
+    times = {name: [] for name in names}
     with torch.inference_mode():
-        maps = model(x)
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), [tuple(m.shape) for m in maps]
+        shapes = {name: [tuple(m.shape) for m in model(x)] for name, model in built.items()}  # warm-up
+        for r in range(runs):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                built[name](x)
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), shapes[name]) for name in names}
 
 
 def saved_bytes(name: str, batch_size: int, size: Sequence[int], dtype: torch.dtype) -> int:
@@ -97,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--models', nargs='+', default=list(MODELS))
     parser.add_argument('--size', type=int, nargs=2, default=(800, 1344), metavar=('H', 'W'))
     parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--runs', type=int, default=5, help='timed forwards per model (after one warm-up)')
+    parser.add_argument('--runs', type=int, default=7, help='timed forwards per model (after one warm-up)')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
     parser.add_argument('--plain', action='store_true', help='without the CPU accelerators (models/cpu)')
@@ -111,8 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{"off" if args.plain else "on (ours)"}; saved: one training forward on fake CUDA, '
           f'{args.amp_dtype} autocast')
     print(f"{'model':32s} {'forward s':>9s} {'img/s':>6s} {'saved GiB':>9s}  maps")
+    forward = forward_seconds(list(args.models), args.batch_size, args.size, args.runs, not args.plain)
     for name in args.models:
-        seconds, shapes = forward_seconds(name, args.batch_size, args.size, args.runs, not args.plain)
+        seconds, shapes = forward[name]
         saved = saved_bytes(name, args.batch_size, args.size, getattr(torch, args.amp_dtype))
         print(f'{name:32s} {seconds:9.2f} {args.batch_size / seconds:6.2f} {saved / GIB:9.2f}  '
               f'{" ".join("x".join(map(str, s[1:])) for s in shapes)}', flush=True)
