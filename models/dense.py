@@ -1,4 +1,5 @@
-"""A backbone with a feature pyramid for torchvision's detectors (Faster / Mask R-CNN, RetinaNet, ...).
+"""Dense prediction on the backbones: a feature-pyramid backbone for torchvision's detectors (Faster / Mask R-CNN)
+and a small semantic segmentation head on it (docs/dense.md).
 
 The timm model with ``features_only=True`` gives the stage maps, NCHW, at strides 4, 8, 16, 32 (one per entry of
 ``out_indices``); torchvision's ``FeaturePyramidNetwork`` turns them into ``out_channels``-wide maps keyed
