@@ -12,7 +12,8 @@ TEST_WORKERS ?= auto
 EPOCHS ?=
 
 .PHONY: demo test test-fast bench clean-env
-$(STAMP): requirements.txt requirements-demo.txt requirements-dev.txt requirements-onnx.txt
+$(STAMP): requirements.txt requirements-demo.txt requirements-dev.txt requirements-onnx.txt \
+		requirements-dense.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
