@@ -21,6 +21,7 @@ Weights are random: neither figure depends on them. The CPU is named in the outp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -40,13 +41,43 @@ from models.cpu.kernels import cpu_name  # noqa: E402
 
 MODELS = ('msg_transformer_tiny', 'mg_ssaf_tiny', 'swin_tiny_patch4_window7_224')
 OUT_INDICES = (0, 1, 2, 3)
+UNMASKED = ':unmasked'  # a model name with this suffix: its padding keys not masked (``padding_keys_unmasked``)
+
+
+@contextlib.contextmanager
+def padding_keys_unmasked():
+    """The alternative the models do not take, for comparison: the padding left in the attention as zero tokens
+    (MSG-Transformer's bias without the key mask, MG-SSAF's local heads without ``_mask_padded_keys``)."""
+    import models.cpu.msg as cpu_msg
+    import models.msg_transformer as msg
+    from models.mg_ssaf import MultiGranularityAttention as MGA
+    real_bias, real_mask = msg.padded_bias, MGA._mask_padded_keys
+    msg.padded_bias = cpu_msg.padded_bias = lambda bias, key_mask, batch, dtype: real_bias(bias, None, batch, dtype)
+    MGA._mask_padded_keys = lambda self, row, col, pad_rows, pad_cols: (row, col)
+    try:
+        yield
+    finally:
+        msg.padded_bias = cpu_msg.padded_bias = real_bias
+        MGA._mask_padded_keys = real_mask
+
+
+class Unmasked(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> list:
+        with padding_keys_unmasked():
+            return self.backbone(x)
 
 
 def build(name: str, size: Sequence[int]) -> nn.Module:
     """The ``features_only`` backbone ``name`` for inputs of ``size`` (H, W): a list of maps, NCHW for ours, NHWC
     for timm's Swin. timm's Swin checks its input against ``img_size``; ours take any size as they are."""
-    kwargs = dict(img_size=tuple(size)) if name.startswith('swin') else {}
-    return timm.create_model(name, features_only=True, out_indices=OUT_INDICES, drop_path_rate=0.0, **kwargs)
+    base = name.removesuffix(UNMASKED)
+    kwargs = dict(img_size=tuple(size)) if base.startswith('swin') else {}
+    model = timm.create_model(base, features_only=True, out_indices=OUT_INDICES, drop_path_rate=0.0, **kwargs)
+    return Unmasked(model) if name.endswith(UNMASKED) else model
 
 
 class SumOfMeans(nn.Module):
@@ -107,7 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
     parser.add_argument('--plain', action='store_true', help='without the CPU accelerators (models/cpu)')
+    parser.add_argument('--masking', action='store_true',
+                        help=f'also time our models with the padding keys not masked (rows "{UNMASKED}")')
     args = parser.parse_args(argv)
+    if args.masking:
+        args.models += [n + UNMASKED for n in args.models if not n.startswith('swin')]
 
     torch.set_num_threads(args.threads)
     h, w = args.size
