@@ -53,7 +53,7 @@ def padding_keys_unmasked():
     from models.mg_ssaf import MultiGranularityAttention as MGA
     real_bias, real_mask = msg.padded_bias, MGA._mask_padded_keys
     msg.padded_bias = cpu_msg.padded_bias = lambda bias, key_mask, batch, dtype: real_bias(bias, None, batch, dtype)
-    MGA._mask_padded_keys = lambda self, row, col, pad_rows, pad_cols: (row, col)
+    MGA._mask_padded_keys = lambda self, row, col, rows, cols: (row, col)
     try:
         yield
     finally:

@@ -256,17 +256,15 @@ class MultiGranularityAttention(nn.Module):
         ws, nH, d = self.window_size, self.local_heads, self.head_dim
         nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
         padded = size_free() or nWh * ws != H or nWw * ws != W
+        real = qk  # what the padding masks are made from (no device argument: fake CUDA tensors stay fake)
         if padded:
-            # Which rows / columns of the padded map are padding (made from qk: no device argument, no size read).
-            pad_rows = F.pad(torch.zeros_like(qk[0, :, 0, 0], dtype=torch.bool), (0, nWh * ws - H), value=True)
-            pad_cols = F.pad(torch.zeros_like(qk[0, 0, :, 0], dtype=torch.bool), (0, nWw * ws - W), value=True)
             qk = F.pad(qk, (0, 0, 0, nWw * ws - W, 0, nWh * ws - H))  # B, nWh*ws, nWw*ws, 2*nH*d
         qk = qk.view(B, nWh, ws, nWw, ws, 2, nH, d)  # B, nWh, ws, nWw, ws, 2, nH, d
         qk = qk.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(2, -1, nH, ws, ws, d)  # 2, B*nW, nH, ws(i), ws(j), d
         q, k = qk.unbind(0)
         row, col = self._ss_scores(q, k)  # B*nW, nH, j', i, j / B*nW, nH, i', j, i
         if padded:
-            row, col = self._mask_padded_keys(row, col, pad_rows, pad_cols)
+            row, col = self._mask_padded_keys(row, col, real[0, :, 0, 0], real[0, 0, :, 0])
         row, col = row.softmax(dim=2), col.softmax(dim=2)
         # Two hops: (i, j) -> (i, j') along its row, then (i, j') -> (i', j') along that column.
         attn = row.unsqueeze(2) * col.unsqueeze(-1)  # B*nW, nH, i', j', i, j
@@ -276,20 +274,23 @@ class MultiGranularityAttention(nn.Module):
         out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nWh * ws, nWw * ws, nH * d)  # B, Hp, Wp, nH*d
         return crop(out, H, W) if padded else out  # B, H, W, nH*d
 
-    def _mask_padded_keys(self, row: torch.Tensor, col: torch.Tensor, pad_rows: torch.Tensor,
-                          pad_cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _mask_padded_keys(self, row: torch.Tensor, col: torch.Tensor, rows: torch.Tensor,
+                          cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """-inf at the padded keys of the windows of an (H, W) map padded to (Hp, Wp): in the row scores the keys of
         a padded column j', in the column scores those of a padded row i'. Every row or column of a window holds a
         valid key (the padding is narrower than a window), so no softmax is all -inf.
 
         Args:
             row: (B*nW, nH, ws(j'), ws(i), ws(j)), col: (B*nW, nH, ws(i'), ws(j), ws(i)), as ``_ss_scores`` gives.
-            pad_rows: (Hp,) bool, True on padding rows; pad_cols: (Wp,) likewise for columns.
+            rows: (H,), cols: (W,): any tensors as long as the map's real rows and columns.
         Returns:
             row, col, the same shapes, masked in place.
         """
         ws, nH = self.window_size, row.shape[1]
-        nWh, nWw = pad_rows.shape[0] // ws, pad_cols.shape[0] // ws
+        H, W = rows.shape[0], cols.shape[0]
+        nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
+        pad_rows = F.pad(torch.zeros_like(rows, dtype=torch.bool), (0, nWh * ws - H), value=True)  # Hp
+        pad_cols = F.pad(torch.zeros_like(cols, dtype=torch.bool), (0, nWw * ws - W), value=True)  # Wp
         # In place on views of the fresh score tensors (no copy): row as B, nWh, nWw, nH, j', i, j and col as
         # B, nWh, nWw, nH, i', j, i, the masks broadcast over the rest.
         row.view(-1, nWh, nWw, nH, ws, ws, ws).masked_fill_(pad_cols.view(nWw, 1, ws, 1, 1), float('-inf'))

@@ -335,12 +335,12 @@ def test_failed_export_check_leaves_no_file(monkeypatch, capsys, tmp_path, check
     out.write_bytes(b'an older file')
     argv = ['--cfg', CONFIGS['msg'], '--resume', checkpoints('msg')[0], str(out)]
 
-    monkeypatch.setattr(export_onnx, 'export_onnx', lambda model, x, path, meta: open(path, 'wb').write(b'junk'))
+    monkeypatch.setattr(export_onnx, 'export_onnx', lambda model, x, path, meta, **kw: open(path, 'wb').write(b'junk'))
     assert export_onnx.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'ONNX Runtime cannot load' in err[0] and 'was not written' in err[0], err
 
-    monkeypatch.setattr(export_onnx, 'export_onnx', lambda model, x, path, meta: shutil.copy(good, path))
+    monkeypatch.setattr(export_onnx, 'export_onnx', lambda model, x, path, meta, **kw: shutil.copy(good, path))
     real_run = deploy.run_session
     monkeypatch.setattr(deploy, 'run_session', lambda s, x: real_run(s, x) * 1.001)
     assert export_onnx.main(argv) == 1

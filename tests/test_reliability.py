@@ -66,7 +66,8 @@ def test_user_errors_are_one_line(tmp_path, digits_dir, small_ckpt, capsys):
         (['--cfg', str(tmp_path / 'missing.yaml'), '--data-path', digits_dir], 'config file not found'),
         (base + ['--data-path', digits_dir, '--opts', 'TRAIN.EPOHS', '1'], "did you mean 'TRAIN.EPOCHS'"),
         (base + ['--data-path', digits_dir, '--opts', 'MODEL.NUM_CLASSES', '7'], 'has 10 classes'),
-        (base + ['--data-path', digits_dir, '--opts', 'DATA.IMG_SIZE', '60'], r'cannot be built.*valid sizes'),
+        (base + ['--data-path', digits_dir, '--opts', 'MODEL.MSG.NUM_HEADS', '[3, 2, 4, 8]'],
+         r'cannot be built.*num_heads 3 does not divide'),
         (base + ['--data-path', digits_dir, '--eval', '--resume', str(tmp_path / 'no.pth')], 'checkpoint file not found'),
         (base + ['--data-path', digits_dir, '--eval', '--resume', DEMO_CFG], 'not a readable PyTorch checkpoint'),
     ]
