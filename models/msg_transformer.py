@@ -82,7 +82,8 @@ Swapping parts
 --------------
 ``attn_layer`` (default ``MessengerAttention``) and ``mlp_layer`` (default timm's ``Mlp``) are the classes each
 block builds: ``attn_layer(dim, num_heads, window_size, qkv_bias=, qk_scale=, attn_drop=, proj_drop=, fused_attn=)``
-whose ``forward(x, msg_only=False)`` maps (B, nW, N, C) normed tokens to (B, nW, N or 1, C), and
+whose ``forward(x, msg_only=False, key_mask=None)`` maps (B, nW, N, C) normed tokens to (B, nW, N or 1, C) (``key_mask``:
+(nW, N) bool, False on the padding keys it must mask, at sizes that need padding; see "Input sizes"), and
 ``mlp_layer(in_features=, hidden_features=, act_layer=, drop=)``. ``timm.create_model(name, attn_layer=MyAttention)``
 passes them through.
 
