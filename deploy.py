@@ -4,7 +4,8 @@ Shared by ``predict.py``, ``tools/export_onnx.py`` and ``benchmark.py --onnxrunt
 checkpoint loader (``checkpoint.py``'s), one exporter and one way to run an ONNX file.
 
 ONNX files written here take one NCHW float32 input named ``image`` of shape (batch, 3, H, W), H and W fixed at
-export (``DATA.IMG_SIZE``) or, with ``dynamic_size``, any (the models pad inside), the batch dynamic, and return ``logits`` (batch, classes). They describe themselves
+export (``DATA.IMG_SIZE``) or, with ``dynamic_size``, any (the models pad inside), the batch dynamic, and return
+``logits`` (batch, classes). They describe themselves
 in their ``metadata_props``: ``class_names`` (JSON list, when the checkpoint had them), ``preprocess`` (JSON: the
 eval transform's settings, which ``predict.py --onnx`` checks against its config), ``model_name`` and ``config``
 (the YAML the model was built from).

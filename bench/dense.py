@@ -10,7 +10,8 @@ the masks in every forward) and measured at ``--size`` (the usual COCO batch sha
 800x1333 padded to a multiple of 32) with batch ``--batch-size``:
 
 * forward: the median of ``--runs`` eval forwards under ``torch.inference_mode`` after one warm-up, float32 on this
-  CPU with ``--threads`` threads, the models taking turns (one forward each per round); ours with the CPU accelerators installed (``models.cpu.install``, as ``main.py``
+  CPU with ``--threads`` threads, the models taking turns (one forward each per round); ours with the CPU
+  accelerators installed (``models.cpu.install``, as ``main.py``
   does on a CPU; ``--plain`` leaves them out);
 * saved: the bytes one training forward saves for backward on a GPU under ``--amp-dtype`` autocast, measured on fake
   CUDA tensors (``bench/fake_cuda.py``'s ``run``, as ``bench/benchmark.py --saved-bytes``: each storage once,

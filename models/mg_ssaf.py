@@ -765,7 +765,8 @@ class MGSSAF(nn.Module):
 
         Returns:
             (final, maps), or maps: stage i's map is the output of its blocks, before its PatchMerging,
-            (B, C_i, ceil(H / s_i), ceil(W / s_i)) in NCHW with strides s_i = 4, 8, 16, 32 and C_i = embed_dim * 2**i; NCHW
+            (B, C_i, ceil(H / s_i), ceil(W / s_i)) in NCHW with strides s_i = 4, 8, 16, 32 and
+            C_i = embed_dim * 2**i; NCHW
             maps are channels-last in memory (``.contiguous()`` if a consumer needs NCHW strides). ``final`` is
             ``forward_features(x)``, or the last computed stage's map (NHWC) if stopped early.
         """

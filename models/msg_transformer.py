@@ -55,8 +55,8 @@ Any size (the padding scheme of Swin's detection and segmentation forks, with th
 
 Sizes that are multiples of ``size_multiple(patch_size, ws, shuffle_size)`` (224 for the released models) need no
 padding: nothing is padded or masked and the function is the official one. Masking costs little at detection size
-(MSG-T, 800x1344, batch 2: +8% forward time and +8% saved-for-backward bytes under fp16, docs/dense.md) and makes each real token's
-output independent of how much padding the grid needed. Tracing and exporting take the padded path at every size
+(MSG-T, 800x1344, batch 2: +8% forward time, +8% saved-for-backward bytes under fp16; docs/dense.md) and makes
+each real token's output independent of how much padding the grid needed. Tracing and exporting take the padded path at every size
 (``size_free``), so a traced or exported graph holds at other sizes. ``ape=True`` fixes the size to ``img_size``
 (its position table); the official ``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC map; here the table
 is viewed as (1, H, W, C), with the official parameter shape.
@@ -82,8 +82,8 @@ Swapping parts
 --------------
 ``attn_layer`` (default ``MessengerAttention``) and ``mlp_layer`` (default timm's ``Mlp``) are the classes each
 block builds: ``attn_layer(dim, num_heads, window_size, qkv_bias=, qk_scale=, attn_drop=, proj_drop=, fused_attn=)``
-whose ``forward(x, msg_only=False, key_mask=None)`` maps (B, nW, N, C) normed tokens to (B, nW, N or 1, C) (``key_mask``:
-(nW, N) bool, False on the padding keys it must mask, at sizes that need padding; see "Input sizes"), and
+whose ``forward(x, msg_only=False, key_mask=None)`` maps (B, nW, N, C) normed tokens to (B, nW, N or 1, C)
+(``key_mask``: (nW, N) bool, False on the padding keys it must mask, at sizes that need padding; "Input sizes"), and
 ``mlp_layer(in_features=, hidden_features=, act_layer=, drop=)``. ``timm.create_model(name, attn_layer=MyAttention)``
 passes them through.
 
