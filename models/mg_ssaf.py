@@ -173,6 +173,12 @@ class AttentionFusion(nn.Module):
         self.mix = nn.Linear(num_heads, num_heads)
         self.attn_drop = nn.Dropout(attn_drop)
 
+    def spatial_conv(self, attn: torch.Tensor) -> torch.Tensor:
+        """``spatial`` on every (head, query) map: a depthwise conv3d whose kernel (k, k, 1) leaves the query axis
+        alone. Args: attn: (B', nH, kh, kw, Nq). Returns: (B', nH, kh, kw, Nq)."""
+        return F.conv3d(attn, self.spatial.weight.unsqueeze(-1), self.spatial.bias,
+                        padding=(self.padding, self.padding, 0), groups=attn.shape[1])
+
     def forward(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -184,9 +190,7 @@ class AttentionFusion(nn.Module):
         Bq, nH, kh, kw, Nq = attn.shape
         mix_bias = self.mix.bias
         assert mix_bias is not None  # built with a bias (TorchScript needs it said)
-        fused = F.conv3d(attn, self.spatial.weight.unsqueeze(-1), self.spatial.bias,
-                         padding=(self.padding, self.padding, 0), groups=nH)  # B', nH, kh, kw, Nq
-        fused = F.gelu(fused).view(Bq, nH, kh * kw * Nq)
+        fused = F.gelu(self.spatial_conv(attn)).reshape(Bq, nH, kh * kw * Nq)
         attn = torch.baddbmm(attn.view(Bq, nH, kh * kw * Nq), self.mix.weight.expand(Bq, nH, nH), fused)
         attn = attn.view(Bq, nH, kh * kw, Nq).transpose(-2, -1)  # B', nH, Nq, kh*kw
         # In the attention's dtype: a float32 bias would lift everything after it out of float16 under autocast.

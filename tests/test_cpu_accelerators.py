@@ -57,10 +57,14 @@ def assert_same_grads(fast, plain):
 
 # ----------------------------------------------------------------------------- the same function
 
+SIZES = pytest.mark.parametrize('size', [(64, 64), (50, 70)], ids=['no-padding', 'padded'])
+
+
+@SIZES
 @pytest.mark.parametrize('family', ['msg', 'mgssaf'])
-def test_eval_outputs_and_features_match_the_plain_model(family):
+def test_eval_outputs_and_features_match_the_plain_model(family, size):
     plain, fast = pair(family, drop_path_rate=0.2)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, *size)
     with torch.inference_mode():
         got = fast.eval()(x), *fast.forward_intermediates(x, intermediates_only=True)
         ref = plain.eval()(x), *plain.forward_intermediates(x, intermediates_only=True)
@@ -68,24 +72,12 @@ def test_eval_outputs_and_features_match_the_plain_model(family):
         assert rel(a, b) < 1e-6
 
 
-@pytest.mark.parametrize('family', ['msg', 'mgssaf'])
-def test_padded_sizes_match_the_plain_model(family):
-    """At a size that needs padding (masked keys): the same outputs, features and gradients."""
-    plain, fast = pair(family, drop_path_rate=0.2)
-    x = torch.randn(2, 3, 50, 70)
-    with torch.inference_mode():
-        got = fast.eval()(x), *fast.forward_intermediates(x, intermediates_only=True)
-        ref = plain.eval()(x), *plain.forward_intermediates(x, intermediates_only=True)
-    for a, b in zip(got, ref):
-        assert rel(a, b) < 1e-6
-    assert_same_grads(grads(fast.train(), x, seed=3), grads(plain.train(), x, seed=3))
-
-
+@SIZES
 @pytest.mark.parametrize('drop_rate', (0.0, 0.1), ids=('fused-mlp', 'dropout'))
 @pytest.mark.parametrize('family', ['msg', 'mgssaf'])
-def test_training_gradients_match_the_plain_model(family, drop_rate):
+def test_training_gradients_match_the_plain_model(family, drop_rate, size):
     plain, fast = pair(family, drop_rate=drop_rate, drop_path_rate=0.2)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, *size)
     assert_same_grads(grads(fast.train(), x, seed=3), grads(plain.train(), x, seed=3))
 
 

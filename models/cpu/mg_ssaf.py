@@ -8,7 +8,7 @@ The same functions as the stock modules:
 * ``PatchMerging``: its 1x1 -> GELU -> 1x1 as ``ops.gelu_mlp`` (no GELU output kept), the shortcut through oneDNN.
 * ``MultiGranularityAttention._ss_scores``: the row and column scores as the diagonals of one full-window product
   where that is the faster here (more FLOPs, fewer and larger GEMMs).
-* ``AttentionFusion``: its depthwise conv over the key grid as a channels-last conv2d with one channel per
+* ``AttentionFusion.spatial_conv``: its depthwise conv over the key grid as a channels-last conv2d with one channel per
   (head, query) (oneDNN's depthwise kernel, several times faster here than the stock conv3d in training); the group
   count follows the input size, which is why the stock module, whose graphs must serve every size, does not.
 """
@@ -148,8 +148,8 @@ def ss_scores(attn: MultiGranularityAttention, q: torch.Tensor,
 
 
 def fusion_spatial(fusion: AttentionFusion, attn: torch.Tensor) -> torch.Tensor:
-    """The stock ``F.conv3d`` of ``AttentionFusion.forward``: the (k, k) depthwise conv of every (head, query) map.
-    Args: attn: (B', nH, kh, kw, Nq). Returns: (B', nH, kh, kw, Nq)."""
+    """``AttentionFusion.spatial_conv``: the (k, k) depthwise conv of every (head, query) map, as a channels-last
+    conv2d with one channel per (head, query). Args: attn: (B', nH, kh, kw, Nq). Returns: the same shape."""
     Bq, nH, kh, kw, Nq = attn.shape
     conv = fusion.spatial
     maps = attn.permute(0, 2, 3, 1, 4).reshape(Bq, kh, kw, nH * Nq).permute(0, 3, 1, 2)  # channels-last NCHW
@@ -158,27 +158,12 @@ def fusion_spatial(fusion: AttentionFusion, attn: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).reshape(Bq, kh, kw, nH, Nq).permute(0, 3, 1, 2, 4)  # B', nH, kh, kw, Nq
 
 
-def fusion_forward(fusion: AttentionFusion, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``AttentionFusion.forward`` with ``fusion_spatial``. Args: attn: (B', nH, kh, kw, Nq), v: (B', nH, kh*kw, d).
-    Returns: (B', nH, Nq, d)."""
-    Bq, nH, kh, kw, Nq = attn.shape
-    mix_bias = fusion.mix.bias
-    fused = F.gelu(fusion_spatial(fusion, attn)).reshape(Bq, nH, kh * kw * Nq)
-    attn = torch.baddbmm(attn.view(Bq, nH, kh * kw * Nq), fusion.mix.weight.expand(Bq, nH, nH), fused)
-    attn = attn.view(Bq, nH, kh * kw, Nq).transpose(-2, -1)  # B', nH, Nq, kh*kw
-    mix_bias = mix_bias.to(attn.dtype)[:, None, None]  # nH, 1, 1
-    if fusion.training and fusion.attn_drop.p > 0:
-        return fusion.attn_drop(attn + mix_bias) @ v
-    out = attn @ v  # B', nH, Nq, d
-    return out + mix_bias * v.sum(dim=-2, keepdim=True).to(out.dtype)
-
-
 ACCELERATORS.extend([
     Accelerator(
         cls=AttentionFusion,
-        method='forward',
-        fast=fusion_forward,
-        pins={AttentionFusion.forward: '0839870d93255eed'},
+        method='spatial_conv',
+        fast=fusion_spatial,
+        pins={AttentionFusion.spatial_conv: 'a8b63061afc8e221'},
     ),
     Accelerator(
         cls=MGSSAFBlock,
