@@ -57,9 +57,9 @@ Sizes that are multiples of ``size_multiple(patch_size, ws, shuffle_size)`` (224
 padding: nothing is padded or masked and the function is the official one. Masking costs little at detection size
 (MSG-T, 800x1344, batch 2: +8% forward time, +8% saved-for-backward bytes under fp16; docs/dense.md) and makes
 each real token's output independent of how much padding the grid needed. Tracing and exporting take the padded
-path at every size (``size_free``), so a traced or exported graph holds at other sizes. ``ape=True`` fixes the size to ``img_size``
-(its position table); the official ``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC map; here the table
-is viewed as (1, H, W, C), with the official parameter shape.
+path at every size (``size_free``), so a traced or exported graph holds at other sizes. ``ape=True`` fixes the size
+to ``img_size`` (its position table); the official ``ape=True`` fails: it adds its (1, H*W, C) table to an NHWC
+map; here the table is viewed as (1, H, W, C), with the official parameter shape.
 
 Gradients
 ---------
