@@ -17,7 +17,13 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
 __all__ = ['window_partition', 'window_reverse', 'relative_position_index', 'channels_last_weight_', 'size_free',
-           'crop', 'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
+           'crop', 'ceil_div', 'DropPath', 'Mlp', 'to_2tuple', 'trunc_normal_']
+
+
+def ceil_div(size: int, k: int) -> int:
+    """ceil(size / k) for a positive size, in the form a strided conv's output size takes ((size - 1) // k + 1), which
+    symbolic shapes simplify alike."""
+    return (size - 1) // k + 1
 
 
 @torch.jit.unused

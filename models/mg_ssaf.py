@@ -89,7 +89,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import register_model_type
-from .layers import channels_last_weight_, crop, size_free
+from .layers import ceil_div, channels_last_weight_, crop, size_free
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -116,11 +116,6 @@ class ConvNHWC(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, H, W, C). Returns: (B, H', W', C')."""
         return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)  # B, H', W', C'
-
-
-def _ceil_div(size: int, k: int) -> int:
-    """ceil(size / k) for a positive size, in the form a strided conv's output size takes ((size - 1) // k + 1)."""
-    return (size - 1) // k + 1
 
 
 def _avg_pool_nhwc(x: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
@@ -258,7 +253,7 @@ class MultiGranularityAttention(nn.Module):
         """
         B, H, W, _ = qk.shape
         ws, nH, d = self.window_size, self.local_heads, self.head_dim
-        nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
+        nWh, nWw = ceil_div(H, ws), ceil_div(W, ws)
         padded = size_free() or nWh * ws != H or nWw * ws != W
         real = qk  # what the padding masks are made from (no device argument: fake CUDA tensors stay fake)
         if padded:
@@ -292,7 +287,7 @@ class MultiGranularityAttention(nn.Module):
         """
         ws, nH = self.window_size, row.shape[1]
         H, W = rows.shape[0], cols.shape[0]
-        nWh, nWw = _ceil_div(H, ws), _ceil_div(W, ws)
+        nWh, nWw = ceil_div(H, ws), ceil_div(W, ws)
         pad_rows = F.pad(torch.zeros_like(rows, dtype=torch.bool), (0, nWh * ws - H), value=True)  # Hp
         pad_cols = F.pad(torch.zeros_like(cols, dtype=torch.bool), (0, nWw * ws - W), value=True)  # Wp
         # In place on views of the fresh score tensors (no copy): row as B, nWh, nWw, nH, j', i, j and col as

@@ -108,8 +108,8 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .build import register_model_type
-from .layers import (DropPath, Mlp, channels_last_weight_, crop, relative_position_index, size_free, to_2tuple,
-                     trunc_normal_, window_partition, window_reverse)
+from .layers import (DropPath, Mlp, ceil_div, channels_last_weight_, crop, relative_position_index, size_free,
+                     to_2tuple, trunc_normal_, window_partition, window_reverse)
 from .pretrained import (TRAIN_SIZE, checkpoint_filter_fn, create, pretrained_cfg, resize_rel_pos_table,
                          update_model_input_size)  # timm's tests look checkpoint_filter_fn up in this module
 
@@ -120,10 +120,6 @@ MERGE_KERNEL = 3         # downsample conv between stages: 3x3, stride 2, paddin
 MERGE_STRIDE = 2
 INIT_STD = .02           # trunc-normal std of linear weights, bias tables and MSG tokens (official)
 MANIP_TYPES = ('shuf', 'none')
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 # The in-place writes below are one node each for torch.fx (``register_notrace_function``): traced op by op,
@@ -202,7 +198,7 @@ def stage_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int,
     if not size_free() and H % (ws * gs) == 0 and W % (ws * gs) == 0:
         key_mask = None
     else:
-        Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
+        Hp, Wp = ceil_div(H, ws * gs) * ws * gs, ceil_div(W, ws * gs) * ws * gs
         real = F.pad(torch.ones_like(patches[:1, :, :, :1], dtype=torch.bool), (0, 0, 0, Wp - W, 0, Hp - H))
         key_mask = F.pad(window_partition(real, ws, gs)[0, :, :, 0], (1, 0), value=True)  # nW, N
         patches = F.pad(patches, (0, 0, 0, Wp - W, 0, Hp - H))  # B, Hp, Wp, C
@@ -218,7 +214,7 @@ def stage_tokens(patches: torch.Tensor, msgs: torch.Tensor, window_size: int,
 def patch_map(tokens: torch.Tensor, H: int, W: int, window_size: int, group_size: int) -> torch.Tensor:
     """The real patches of a stage's tokens (``stage_tokens``' inverse). Returns: (B, H, W, C)."""
     ws, gs = window_size, group_size
-    Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
+    Hp, Wp = ceil_div(H, ws * gs) * ws * gs, ceil_div(W, ws * gs) * ws * gs
     x = window_reverse(tokens[:, :, 1:], ws, Hp, Wp, gs)  # B, Hp, Wp, C
     if not size_free() and Hp == H and Wp == W:
         return x
@@ -229,8 +225,8 @@ def patch_map(tokens: torch.Tensor, H: int, W: int, window_size: int, group_size
 def msg_map(tokens: torch.Tensor, H: int, W: int, window_size: int, group_size: int) -> torch.Tensor:
     """The MSG tokens of the windows that hold a real patch. Returns: (B, ceil(H/ws), ceil(W/ws), C)."""
     ws, gs = window_size, group_size
-    Hp, Wp = _round_up(H, ws * gs), _round_up(W, ws * gs)
-    h, w = (H + ws - 1) // ws, (W + ws - 1) // ws
+    Hp, Wp = ceil_div(H, ws * gs) * ws * gs, ceil_div(W, ws * gs) * ws * gs
+    h, w = ceil_div(H, ws), ceil_div(W, ws)
     x = window_reverse(tokens[:, :, :1], 1, Hp // ws, Wp // ws, gs)  # B, Hp/ws, Wp/ws, C
     if not size_free() and Hp // ws == h and Wp // ws == w:
         return x
@@ -541,7 +537,7 @@ def pad_to_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     H, W = x.shape[-2], x.shape[-1]
     if not size_free() and H % patch_size == 0 and W % patch_size == 0:
         return x
-    return F.pad(x, (0, _round_up(W, patch_size) - W, 0, _round_up(H, patch_size) - H))
+    return F.pad(x, (0, ceil_div(W, patch_size) * patch_size - W, 0, ceil_div(H, patch_size) * patch_size - H))
 
 
 class MSGTransformer(nn.Module):
@@ -637,8 +633,7 @@ class MSGTransformer(nn.Module):
         self.msg_tokens = nn.Parameter(torch.zeros(1, shuffle_size[0] ** 2, 1, embed_dim))  # 1, G, 1, C
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         if ape:
-            grid = (_round_up(self.img_size[0], patch_size) // patch_size,
-                    _round_up(self.img_size[1], patch_size) // patch_size)
+            grid = (ceil_div(self.img_size[0], patch_size), ceil_div(self.img_size[1], patch_size))
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))  # 1, H*W, C
         else:
             self.register_parameter('absolute_pos_embed', None)  # (not in the state_dict)
@@ -762,10 +757,8 @@ class MSGTransformer(nn.Module):
             self.window_size, self.size_multiple = ws, size_multiple(self.patch_size, ws, self.shuffle_size)
         if self.absolute_pos_embed is not None and hw != self.img_size:
             old = self.absolute_pos_embed
-            grid = (_round_up(hw[0], self.patch_size) // self.patch_size,
-                    _round_up(hw[1], self.patch_size) // self.patch_size)
-            old_grid = (_round_up(self.img_size[0], self.patch_size) // self.patch_size,
-                        _round_up(self.img_size[1], self.patch_size) // self.patch_size)
+            grid = (ceil_div(hw[0], self.patch_size), ceil_div(hw[1], self.patch_size))
+            old_grid = (ceil_div(self.img_size[0], self.patch_size), ceil_div(self.img_size[1], self.patch_size))
             with torch.no_grad():
                 new = resample_abs_pos_embed(old, grid, old_grid, num_prefix_tokens=0)  # 1, H*W, C
             self.absolute_pos_embed = nn.Parameter(new, requires_grad=old.requires_grad)
