@@ -97,3 +97,21 @@ def test_the_model_files_hold_no_cpu_kernel_code():
         for word in ('mkldnn', 'onednn', 'use_fused', 'kernels', 'dispatch_mode', 'is_autocast_enabled',
                      'autograd.function'):
             assert word not in text, (path, word)
+
+
+@pytest.mark.parametrize('device', ['cpu', 'fake cuda'])
+def test_a_channels_last_model_keeps_the_attention_maps_in_their_layout(device):
+    """``model.to(memory_format=torch.channels_last)`` (timm's ``--channels-last``) turns Attention Fusion's conv
+    weight channels-last; its conv3d must still take and give the maps as they are, not copy them to
+    channels-last-3d and back around every conv."""
+    def check(model, attn):
+        for fusion in (m for m in model.modules() if isinstance(m, AttentionFusion)):
+            out = fusion.spatial_conv(attn[:, :fusion.mix.in_features].contiguous())
+            assert out.is_contiguous(), out.stride()
+
+    model = timm.create_model('mg_ssaf_tiny', num_classes=10).to(memory_format=torch.channels_last)
+    if device == 'cpu':
+        check(model, torch.randn(2, 24, 3, 3, 10))
+        return
+    with fake_cuda() as mode:
+        check(to_fake_cuda(model, mode), fake_input(mode, 2, 24, 3, 3, 10))

@@ -163,7 +163,7 @@ ACCELERATORS.extend([
         cls=AttentionFusion,
         method='spatial_conv',
         fast=fusion_spatial,
-        pins={AttentionFusion.spatial_conv: 'a8b63061afc8e221'},
+        pins={AttentionFusion.spatial_conv: '73bcdeba4130e693'},
     ),
     Accelerator(
         cls=MGSSAFBlock,
