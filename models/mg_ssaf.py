@@ -172,7 +172,8 @@ class AttentionFusion(nn.Module):
         """``spatial`` on every (head, query) map: a depthwise conv3d whose kernel (k, k, 1) leaves the query axis
         alone. Args: attn: (B', nH, kh, kw, Nq). Returns: (B', nH, kh, kw, Nq)."""
         # Flattened and viewed, not unsqueezed: a channels-last conv weight (``model.to(memory_format=channels_last)``)
-        # would give a channels-last-3d kernel, and the conv would copy the attention maps to that layout and back.
+        # would give a channels-last-3d kernel, and the conv would copy the attention maps to that layout and back
+        # (and PyTorch's CPU bfloat16 weight gradient in that layout is garbage: tests/test_precision.py).
         w = self.spatial.weight  # nH, 1, k, k
         weight = w.flatten(1).view(list(w.shape) + [1])  # nH, 1, k, k, 1 with contiguous strides
         return F.conv3d(attn, weight, self.spatial.bias, padding=(self.padding, self.padding, 0), groups=attn.shape[1])

@@ -82,3 +82,27 @@ def test_compile_failure_runs_eagerly(monkeypatch, caplog):
     assert all(p.grad is not None for p in model.parameters())
     warnings = [r for r in caplog.records if r.name == 'test' and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and 'no C++ compiler' in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize('kh,kw', [(2, 2), (7, 7), (1, 3)])
+def test_bf16_attention_fusion_gradients_of_a_channels_last_model(kh, kw):
+    """Under bfloat16 autocast the gradients of Attention Fusion's conv match float32's, also after
+    ``model.to(memory_format=torch.channels_last)``: PyTorch's CPU weight gradient of a channels-last-3d depthwise
+    conv3d reads memory it never wrote (garbage, NaN on some machines), so the conv must not take that layout."""
+    from models.mg_ssaf import AttentionFusion
+    torch.manual_seed(0)
+    fusion = AttentionFusion(2).to(memory_format=torch.channels_last)
+    attn = torch.rand(4, 2, kh, kw, 196)
+    grad = torch.randn(4, 2, kh, kw, 196)
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        fusion.zero_grad()
+        a = attn.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fusion.spatial_conv(a)
+        assert out.dtype == dtype
+        out.float().backward(grad)
+        got[dtype] = [t.grad.clone() for t in (a, fusion.spatial.weight, fusion.spatial.bias)]
+    for low, ref in zip(got[torch.bfloat16], got[torch.float32]):
+        assert torch.isfinite(low).all()
+        assert ((low - ref).norm() / ref.norm()).item() < 5e-2  # bfloat16 rounding; the bad path is off by ~100%

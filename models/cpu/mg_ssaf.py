@@ -163,7 +163,7 @@ ACCELERATORS.extend([
         cls=AttentionFusion,
         method='spatial_conv',
         fast=fusion_spatial,
-        pins={AttentionFusion.spatial_conv: '73bcdeba4130e693'},
+        pins={AttentionFusion.spatial_conv: '653b52f3252e3553'},
     ),
     Accelerator(
         cls=MGSSAFBlock,
