@@ -124,7 +124,8 @@ def test_channels_last_compile_and_amp_match_eager(device, name):
     with torch.autocast(device, dtype=torch.bfloat16):
         loss = F.cross_entropy(step(x).float(), torch.arange(4, device=device))
     loss.backward()
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
     assert not bad, f'no or non-finite gradients: {bad}'
 
 
